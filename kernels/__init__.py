@@ -1,0 +1,1 @@
+"""Fused Triton kernels for S2D: TMA's temporal attention and MCP's spatial gating."""

@@ -1,0 +1,37 @@
+"""Shared test setup: seed every generator before each test, and locate ../shared/fixtures."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fixture_json():
+    """Load a checkpoint-description fixture from ../shared/fixtures, or skip with the reason."""
+    import json
+
+    def load(name):
+        path = FIXTURES / f"{name}.json"
+        if not path.exists():
+            pytest.skip(f"fixture {path} is absent (it lives in ../shared/fixtures beside the checkout)")
+        return json.loads(path.read_text())
+
+    return load
