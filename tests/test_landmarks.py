@@ -1,0 +1,190 @@
+"""The landmark view: MobileFaceNet layout against the released checkpoint's names, loading, shapes, freezing."""
+import warnings
+
+import av
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import landmarks
+from landmarks import LandmarkFeatures
+
+FIXTURE = "official_mobilefacenet_136"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LandmarkFeatures()
+
+
+def fake_checkpoint_sd(shapes):
+    """Random tensors with the released names and shapes (positive BN variances, integer batch counters)."""
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(1000)
+        elif name.endswith("running_var"):
+            sd[name] = torch.rand(shape) + 0.5
+        else:
+            sd[name] = torch.randn(shape) * 0.1
+    return sd
+
+
+def test_parameter_count_matches_release(lm, fixture_json):
+    # The fixture's total counts learnable parameters (BatchNorm running statistics excluded).
+    assert sum(p.numel() for p in lm.parameters()) == fixture_json(FIXTURE)["total_params"] == 1_007_248
+
+
+def test_state_dict_names_and_shapes_match_release(lm, fixture_json):
+    ours = {k: list(v.shape) for k, v in lm.state_dict().items()}
+    theirs = fixture_json(FIXTURE)["state_dict"]
+    assert list(ours) == list(theirs)
+    assert ours == theirs
+
+
+def test_loads_released_format_strictly(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    path = tmp_path / "mobilefacenet_model_best.pth.tar"
+    torch.save({"state_dict": sd, "epoch": 10}, path)
+    loaded = LandmarkFeatures(weights=path).state_dict()
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_loads_bare_and_data_parallel_state_dicts(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    torch.save(sd, tmp_path / "bare.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "dp.pth")
+    video = torch.randn(1, 3, 2, 112, 112)
+    bare = LandmarkFeatures(weights=tmp_path / "bare.pth")(video)
+    torch.testing.assert_close(LandmarkFeatures(weights=tmp_path / "dp.pth")(video), bare, rtol=0, atol=0)
+
+
+def test_missing_or_renamed_key_is_named(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    key = "conv_4.model.3.conv_dw.prelu.weight"
+    missing = {k: v for k, v in sd.items() if k != key}
+    torch.save({"state_dict": missing}, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"missing\.pth.*missing keys \['conv_4\.model\.3\.conv_dw\.prelu\.weight'\]"):
+        LandmarkFeatures(weights=tmp_path / "missing.pth")
+    renamed = dict(missing, **{"conv_4.model.3.conv_dw.act.weight": sd[key]})
+    torch.save({"state_dict": renamed}, tmp_path / "renamed.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \['conv_4\.model\.3\.conv_dw\.act\.weight'\]"):
+        LandmarkFeatures(weights=tmp_path / "renamed.pth")
+
+
+def test_wrong_shape_is_named(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    sd["output_layer.linear.weight"] = torch.randn(10, 512)  # a 5-point head instead of 68 points
+    torch.save({"state_dict": sd}, tmp_path / "five.pth")
+    with pytest.raises(ValueError, match=r"output_layer\.linear\.weight: expected \(136, 512\), found \(10, 512\)"):
+        LandmarkFeatures(weights=tmp_path / "five.pth")
+
+
+@pytest.mark.parametrize("size", [112, 224])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_output_shapes(lm, size, frames):
+    video = torch.randn(2, 3, frames, size, size)
+    feats, points = lm(video, return_points=True)
+    assert feats.shape == (2, frames, 128, 14, 14)
+    assert points.shape == (2, frames, 68, 2)
+    torch.testing.assert_close(lm(video), feats, rtol=0, atol=0)
+
+
+def test_resize_is_bilinear_align_corners(lm):
+    video = torch.randn(1, 3, 2, 160, 96)
+    frames = video.transpose(1, 2).reshape(2, 3, 160, 96)  # (B*T, 3, H, W)
+    small = torch.nn.functional.interpolate(frames, size=(112, 112), mode="bilinear", align_corners=True)
+    expected = lm(small.reshape(1, 2, 3, 112, 112).transpose(1, 2))
+    torch.testing.assert_close(lm(video), expected, rtol=0, atol=0)
+
+
+def test_frozen_and_always_eval(lm):
+    assert not any(p.requires_grad for p in lm.parameters())
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    lm.train()
+    assert not lm.training and not any(m.training for m in lm.modules())
+    lm(torch.randn(2, 3, 2, 112, 112), return_points=True)
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
+    parent = torch.nn.Sequential(torch.nn.Linear(2, 2), lm).train()
+    assert parent.training and not lm.training
+
+
+def test_random_detector_is_seeded_and_leaves_global_rng_alone(lm):
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = LandmarkFeatures()
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in lm.state_dict().items())
+
+
+def test_features_depend_on_the_frame(lm):
+    video = torch.randn(1, 3, 2, 112, 112)
+    feats = lm(video)
+    assert (feats[0, 0] - feats[0, 1]).abs().max() > 1e-3
+
+
+@settings(deadline=None, max_examples=5)
+@given(frames=st.integers(2, 4), changed=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_frames_are_processed_independently(lm, frames, changed, seed):
+    changed = changed % frames
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(2, 3, frames, 112, 112, generator=gen)
+    other = video.clone()
+    other[:, :, changed] = torch.randn(2, 3, 112, 112, generator=gen)
+    (a, pa), (b, pb) = lm(video, return_points=True), lm(other, return_points=True)
+    keep = [t for t in range(frames) if t != changed]
+    torch.testing.assert_close(a[:, keep], b[:, keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pa[:, keep], pb[:, keep], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[:, changed], b[:, changed])
+
+
+def test_untrained_warning_fires_once(monkeypatch):
+    monkeypatch.setattr(landmarks, "_warned_untrained", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LandmarkFeatures()
+        LandmarkFeatures()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "UNTRAINED" in messages[0] and "paper" in messages[0]
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 112, 112), (1, 1, 2, 112, 112), (1, 4, 2, 112, 112), (1, 3, 112, 112, 1, 1)])
+def test_bad_shapes_raise(lm, shape):
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\).*" + re_shape(shape)):
+        lm(torch.zeros(shape))
+
+
+def re_shape(shape):
+    return r"\(" + r", ".join(str(s) for s in shape) + r"\)"
+
+
+def write_png(path, rgb):
+    """Encode an (H, W, 3) uint8 array as a PNG with PyAV."""
+    with av.open(str(path), mode="w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.height, stream.width, stream.pix_fmt = rgb.shape[0], rgb.shape[1], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_read_frames_and_cli(tmp_path, capsys):
+    rgb = [np.random.randint(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(2)]
+    for t, image in enumerate(rgb):
+        write_png(tmp_path / f"{t:03d}.png", image)
+    video = landmarks.read_frames(tmp_path)  # (1, 3, T, H, W)
+    mean, std = torch.tensor(landmarks.IMAGENET_MEAN), torch.tensor(landmarks.IMAGENET_STD)
+    pixels = (video[0].permute(1, 2, 3, 0) * std + mean) * 255  # (T, H, W, 3)
+    torch.testing.assert_close(pixels, torch.from_numpy(np.stack(rgb)).float(), rtol=0, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        landmarks.main(["--video", str(tmp_path / "001.png")])
+    assert "features (1, 1, 128, 14, 14), points (1, 1, 68, 2)" in capsys.readouterr().out
