@@ -1,0 +1,184 @@
+"""Emotion-Anchors based Self-Distillation Loss (SDL), paper section III-D, Eq. (16)-(21).
+
+Per class c the anchors are two FIFO queues of Q entries: pooled features (Q, D) and the softmax
+probabilities the model gave those samples (Q, C). A training step uses them in this order:
+
+    soft = anchors.soft_labels(features)            # Eq. (16)-(18), from the queues as they are
+    total, ce, bce = sdl_loss(logits, labels, soft, lambda_at(...))   # Eq. (19)-(21)
+    anchors.enqueue(features, logits.softmax(-1), labels)             # then refresh, no gradient
+
+Paper: queues are refreshed from every mini-batch by ground-truth label and lambda rises from 0 to 1.
+Release: queues start as uniform random values and are never refreshed (`init="random"`, and the
+caller simply never calls enqueue); lambda follows epoch steps (`schedule="release"`).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+SCHEDULES = ("linear", "cosine", "release")
+_EPS = 1e-8
+
+
+def _gather_from_ranks(*tensors):
+    """all_gather each (B_r, ...) tensor from every rank, concatenated in rank order (batch sizes may differ)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    size = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    gathered = []
+    for t in tensors:
+        padded = t.new_zeros((max(sizes),) + t.shape[1:])  # (B_max, ...)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return gathered
+
+
+class EmotionAnchors(nn.Module):
+    """Per-class FIFO queues of features and probabilities, kept as buffers (so they are checkpointed).
+
+    Storage: class c's queue fills from the right. Its `count[c]` valid entries sit at positions
+    Q - count[c] .. Q - 1, oldest first, newest at position Q - 1; the other slots hold zeros.
+    """
+
+    def __init__(self, num_classes, dim, queue_size=16, k=2, init="empty"):
+        super().__init__()
+        if init not in ("empty", "random"):
+            raise ValueError(f"EmotionAnchors: init must be 'empty' or 'random', got {init!r}")
+        if k < 1 or queue_size < 1:
+            raise ValueError(f"EmotionAnchors: need k >= 1 and queue_size >= 1, got k={k}, queue_size={queue_size}")
+        self.num_classes, self.dim, self.queue_size, self.k = num_classes, dim, queue_size, k
+        shape_f, shape_p = (num_classes, queue_size, dim), (num_classes, queue_size, num_classes)
+        if init == "random":
+            # The release: uniform [0, 1) values in every slot, all of them valid from the start
+            # (its probability queue is not normalised either).
+            self.register_buffer("features", torch.rand(shape_f))
+            self.register_buffer("probs", torch.rand(shape_p))
+            self.register_buffer("count", torch.full((num_classes,), queue_size, dtype=torch.long))
+        else:
+            self.register_buffer("features", torch.zeros(shape_f))
+            self.register_buffer("probs", torch.zeros(shape_p))
+            self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, dim={self.dim}, queue_size={self.queue_size}, k={self.k}"
+
+    def valid(self):
+        """(C, Q) bool: which queue slots hold an entry."""
+        slots = torch.arange(self.queue_size, device=self.count.device)
+        return slots[None, :] >= (self.queue_size - self.count)[:, None]
+
+    @torch.no_grad()
+    def soft_labels(self, features):
+        """features (B, D) -> soft labels (B, C), or None while every queue is empty.
+
+        None means the soft label is undefined: sdl_loss then falls back to CE alone.
+        """
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"EmotionAnchors.soft_labels: features (B, D) = {tuple(features.shape)}, expected D={self.dim}"
+            )
+        if int(self.count.sum()) == 0:
+            return None
+        f = F.normalize(features.detach().float(), dim=-1)  # (B, D)
+        anchors = F.normalize(self.features, dim=-1)  # (C, Q, D)
+        sims = torch.einsum("bd,cqd->bcq", f, anchors)  # Eq. (16) cosine similarity, (B, C, Q)
+        # Empty slots get -inf, so top-k picks every real entry first; a class with fewer than k entries
+        # (or none yet) yields -inf picks, which get weight 0 below: an empty class contributes nothing.
+        sims = sims.masked_fill(~self.valid(), float("-inf"))
+        k = min(self.k, self.queue_size)
+        top, idx = sims.topk(k, dim=-1)  # Eq. (17) top-k per class, (B, C, k)
+        picked = self.probs[torch.arange(self.num_classes, device=idx.device)[None, :, None], idx]  # (B, C, k, C)
+        real = torch.isfinite(top)  # (B, C, k)
+        return _weighted_mean(top, real, picked)
+
+    @torch.no_grad()
+    def enqueue(self, features, probs, labels):
+        """Push (B, D) features and (B, C) probabilities into their label's queue: newest in, oldest out.
+
+        Under torch.distributed every rank's batch is gathered first (rank order), so all ranks apply the
+        same update and keep identical queues. Within a class, samples enter in batch order.
+        """
+        B = labels.shape[0]
+        if features.shape != (B, self.dim) or probs.shape != (B, self.num_classes):
+            raise ValueError(
+                f"EmotionAnchors.enqueue: features {tuple(features.shape)}, probs {tuple(probs.shape)}, "
+                f"expected ({B}, {self.dim}) and ({B}, {self.num_classes})"
+            )
+        features, probs, labels = _gather_from_ranks(features.detach().float(), probs.detach().float(), labels.long())
+        Q, dev = self.queue_size, self.features.device
+        features, probs, labels = features.to(dev), probs.to(dev), labels.to(dev)
+        onehot = F.one_hot(labels, self.num_classes)  # (B, C)
+        n_new = onehot.sum(0)  # (C,) entries arriving per class
+        # How many later samples of the same class follow each sample: 0 for the newest of its class.
+        later = (onehot.flip(0).cumsum(0).flip(0) - 1).gather(1, labels[:, None])[:, 0]  # (B,)
+        # Shift every queue left by its number of arrivals: slot q takes the entry from slot q + n_new.
+        src = torch.arange(Q, device=dev)[None, :] + n_new[:, None]  # (C, Q)
+        keep = (src < Q)[:, :, None]
+        src = src.clamp(max=Q - 1)
+        self.features.copy_(self.features.gather(1, src[:, :, None].expand(-1, -1, self.dim)) * keep)
+        self.probs.copy_(self.probs.gather(1, src[:, :, None].expand(-1, -1, self.num_classes)) * keep)
+        # Arrivals fill the freed tail slots; only the newest Q per class fit.
+        fits = later < Q
+        slot = Q - 1 - later[fits]
+        self.features[labels[fits], slot] = features[fits]
+        self.probs[labels[fits], slot] = probs[fits]
+        self.count.copy_((self.count + n_new).clamp(max=Q))
+
+
+def _weighted_mean(top, real, picked):
+    """Eq. (18): y~ = sum s p / sum s over the picked entries.
+
+    Cosine similarities can be negative, and then the paper's ratio can leave [0, 1] or divide by ~0.
+    Rule: weights are the similarities clamped at 0, so y~ is a convex combination of stored
+    probabilities; a sample whose picked similarities are all <= 0 (sum of weights <= 1e-8) takes the
+    plain mean of its picked real entries instead. Where all similarities are positive this is the
+    paper's formula unchanged.
+    """
+    w = torch.where(real, top.clamp(min=0), torch.zeros_like(top))  # (B, C, k)
+    fallback = w.sum(dim=(1, 2), keepdim=True) <= _EPS  # (B, 1, 1)
+    w = torch.where(fallback, real.to(w.dtype), w)
+    soft = torch.einsum("bck,bckx->bx", w, picked)  # (B, C)
+    return soft / w.sum(dim=(1, 2))[:, None]
+
+
+def sdl_loss(logits, labels, soft, lam):
+    """logits (B, C), labels (B,), soft (B, C) or None -> (total, ce, bce), all scalars.
+
+    With soft None (no anchors yet) bce is 0 and total is CE alone.
+    """
+    ce = F.cross_entropy(logits.float(), labels)  # Eq. (19)
+    if soft is None:
+        return ce, ce.detach(), torch.zeros((), device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), soft.to(logits.device))  # Eq. (20), mean over B*C
+    return ce + lam * bce, ce.detach(), bce.detach()  # Eq. (21)
+
+
+def lambda_at(epoch_float, schedule="linear", start_epoch=0, ramp_epochs=0, total_epochs=100):
+    """Weight of the SDL term at a (fractional) epoch; 0 before start_epoch for every schedule.
+
+    linear / cosine (the paper: "gradually increased from 0 to 1"): ramp from start_epoch over
+        ramp_epochs (0 means: over the rest of training, up to total_epochs), then 1.
+    release: the released scripts' steps for 100 epochs, read as whole epochs e = floor(epoch_float):
+        e < 30 -> 0, 30 <= e < 50 -> 0.01, 50 <= e < 60 -> 0.1, 60 <= e < 80 -> 0.5, e >= 80 -> 1.0
+        ("0.01 to 49" includes epoch 49). For another total the thresholds scale with total_epochs / 100.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lambda_at: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if epoch_float < start_epoch:
+        return 0.0
+    if schedule == "release":
+        e = math.floor(epoch_float)
+        steps = ((80, 1.0), (60, 0.5), (50, 0.1), (30, 0.01))
+        return next((lam for at, lam in steps if e * 100 >= at * total_epochs), 0.0)
+    ramp = ramp_epochs if ramp_epochs > 0 else total_epochs - start_epoch
+    t = min(1.0, (epoch_float - start_epoch) / ramp) if ramp > 0 else 1.0
+    return t if schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))
