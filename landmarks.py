@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import safe_load
+
 INPUT_SIZE = 112  # the detector's input side; conv_4 then sits at stride 8: 14 x 14
 NUM_POINTS = 68
 RANDOM_INIT_SEED = 20240117  # fixed, so that every process builds the same untrained detector
@@ -170,14 +172,10 @@ def _warn_untrained():
     )
 
 
-def _torch_load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_landmark_state_dict(path, reference):
     """Read a MobileFaceNet checkpoint ({'state_dict': sd} or a bare sd, 'module.' prefixes stripped) and check
     its names and shapes against `reference` (our own state dict), naming the file and every mismatch."""
-    obj = _torch_load(path)
+    obj = safe_load(path)  # weights_only: a checkpoint that carries code is refused
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a dict with key 'state_dict', got {type(sd).__name__}")
