@@ -140,7 +140,8 @@ class LandmarkFeatures(nn.Module):
         to [0, 1] over the 112 x 112 crop, i.e. over the input frame (0 = left/top edge, 1 = right/bottom edge).
         This convention is assumed from the public detector's demo code (it maps a point back to the image as
         crop_corner + point * crop_size); it is not stored in the checkpoint, and with random weights the
-        points are meaningless. The demo feeds [0, 1] RGB with the ImageNet mean and std, as SPEC.md does here.
+        points are meaningless. Input: RGB, ImageNet mean/std, as SPEC.md says; the public demo we read (another
+        backbone) used the same mean/std but OpenCV's BGR channel order, so the channel order is unconfirmed.
         """
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"LandmarkFeatures expects a video of shape (B, 3, T, H, W), got {tuple(video.shape)}")
