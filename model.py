@@ -438,3 +438,29 @@ def config_from_state_dict(sd) -> S2DConfig:
             cfg = {**preset, **{k: v for k, v in cfg.items() if k not in ("heads", "tma_heads")}}
     names = {f.name for f in fields(S2DConfig)}
     return S2DConfig(**{k: v for k, v in cfg.items() if k in names})
+
+
+if __name__ == "__main__":
+    import statistics
+    import time
+
+    ap = argparse.ArgumentParser(description="Run an S2D video model (video-stage trainable set) on one random clip.")
+    ap.add_argument("--model", default="s2d_tiny", choices=sorted(PRESETS), help="preset")
+    ap.add_argument("--frames", type=int, default=16, help="frames per clip")
+    ap.add_argument("--repeat", type=int, default=1, help="timed forward+backward runs; the median is printed")
+    args = ap.parse_args()
+    net = build_model(args.model, num_classes=7, num_frames=args.frames)
+    trainable, total = set_trainable(net, "video")
+    S = net.cfg.img_size
+    video, lms = torch.randn(1, 3, args.frames, S, S), torch.randn(1, args.frames, 128, 14, 14)
+    seconds = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        logits, feats = net(video, lms)
+        logits.sum().backward()
+        seconds.append(time.perf_counter() - start)
+    print(f"{args.model}: {trainable:,} of {total:,} parameters train; logits {tuple(logits.shape)}, "
+          f"features {tuple(feats.shape)}")
+    print(f"forward+backward of one {args.frames}-frame clip on {torch.get_num_threads()} CPU threads: "
+          f"median {statistics.median(seconds):.3f} s over {args.repeat} runs (min {min(seconds):.3f}, "
+          f"max {max(seconds):.3f})")
