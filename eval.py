@@ -1,0 +1,343 @@
+"""Evaluate S2D as the papers report it: softmax averaged over each clip's views, then UAR, WAR, macro-F1.
+
+    python eval.py --checkpoint runs/demo/best.pth --dataset demo --data-root data/demo
+    python eval.py --checkpoint "runs/dfew_fold{fold}/best.pth" --dataset dfew --data-root /data/DFEW --folds 1-5
+    torchrun --nproc_per_node=8 eval.py --checkpoint CKPT --dataset ferv39k --data-root /data/FERV39K
+    python eval.py --checkpoint CKPT --video path/to/clip.mp4_or_frame_folder
+
+Checkpoints: ours (train.py, with the model config inside) or the released S2D ones (config inferred from
+the weights). Under torchrun each rank evaluates every world_size-th view (no padding, so no duplicates),
+the per-view probabilities are gathered, and every rank computes the same metrics as a single process.
+"""
+
+import argparse
+import csv
+import os
+import statistics
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from data import CLASSES, IMAGE_DATASETS, ClipDataset, Sample, dataset_files, read_split
+from landmarks import LandmarkFeatures
+from model import S2D, S2DConfig, config_from_state_dict, load_checkpoint, safe_load
+
+
+# ----------------------------------------------------------------------------- metrics
+def compute_metrics(labels, preds, num_classes):
+    """Clip labels and predictions (N,) -> dict(uar, war, recall, f1, support, macro_f1, confusion).
+
+    confusion[i][j] counts clips of true class i predicted as j. A class absent from `labels` has recall
+    None and is left out of UAR (the mean recall over the classes present). Macro-F1 averages the F1 of the
+    classes present in labels or predictions (a class only ever predicted has F1 = 0; one in neither, None).
+    """
+    labels, preds = torch.as_tensor(labels, dtype=torch.long), torch.as_tensor(preds, dtype=torch.long)
+    if labels.numel() == 0 or labels.shape != preds.shape:
+        raise ValueError(
+            f"compute_metrics: need equal, non-empty label and prediction vectors, got "
+            f"{tuple(labels.shape)} and {tuple(preds.shape)}"
+        )
+    for name, v in (("labels", labels), ("preds", preds)):
+        if v.min() < 0 or v.max() >= num_classes:
+            raise ValueError(f"compute_metrics: {name} must lie in [0, {num_classes}), found [{v.min()}, {v.max()}]")
+    confusion = torch.bincount(labels * num_classes + preds, minlength=num_classes**2)
+    confusion = confusion.reshape(num_classes, num_classes)  # (true, predicted)
+    tp, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    recall = [tp[c].item() / support[c].item() if support[c] > 0 else None for c in range(num_classes)]
+    f1 = [
+        2 * tp[c].item() / (support[c] + predicted[c]).item() if support[c] + predicted[c] > 0 else None
+        for c in range(num_classes)
+    ]
+    present = [r for r in recall if r is not None]
+    return dict(
+        uar=sum(present) / len(present),
+        war=tp.sum().item() / labels.numel(),
+        recall=recall,
+        macro_f1=statistics.fmean(x for x in f1 if x is not None),
+        f1=f1,
+        support=support.tolist(),
+        confusion=confusion.tolist(),
+    )
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def format_report(metrics, class_names):
+    """Metrics from compute_metrics -> a text table: the summary line, per-class rows, the confusion matrix."""
+    w = max(8, *(len(n) for n in class_names))
+    lines = [
+        f"UAR {_pct(metrics['uar'])}  WAR {_pct(metrics['war'])}  macro-F1 {_pct(metrics['macro_f1'])}  "
+        f"({sum(metrics['support'])} clips)",
+        "",
+        f"{'class':<{w}} {'clips':>6} {'recall':>7} {'F1':>7}",
+    ]
+    for name, n, r, f in zip(class_names, metrics["support"], metrics["recall"], metrics["f1"], strict=True):
+        lines.append(f"{name:<{w}} {n:>6} {_pct(r):>7} {_pct(f):>7}")
+    cw = max(6, *(len(str(v)) for row in metrics["confusion"] for v in row))
+    short = [n[:cw] for n in class_names]
+    lines += [
+        "",
+        "confusion matrix (rows = true class, columns = predicted)",
+        " " * w + "".join(f" {n:>{cw}}" for n in short),
+    ]
+    for name, row in zip(class_names, metrics["confusion"], strict=True):
+        lines.append(f"{name:<{w}}" + "".join(f" {v:>{cw}}" for v in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _view_probs(model, landmark_net, dataset, indices, batch_size, device, workers, amp):
+    """Softmax of every view in `indices` -> rows (clip index, view, label, probs list)."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    rows = []
+    for batch in loader:
+        video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
+        with autocast:
+            logits, _ = model(video, landmark_net(video))
+        probs = logits.float().softmax(-1).cpu()  # (B, classes)
+        rows += zip(
+            batch["index"].tolist(), batch["view"].tolist(), batch["label"].tolist(), probs.tolist(), strict=True
+        )
+    return rows
+
+
+def _per_clip(rows, num_clips):
+    """All views' rows -> one prediction per clip (probabilities averaged over its views, in view order)."""
+    by_clip = {}
+    for index, _view, label, probs in sorted(rows):  # sorted by clip, then view: a fixed summation order
+        by_clip.setdefault(index, []).append((label, probs))
+    counts = {len(v) for v in by_clip.values()}
+    if sorted(by_clip) != list(range(num_clips)) or len(counts) != 1:
+        raise RuntimeError(
+            f"evaluate: expected every one of {num_clips} clips with the same number of views, got "
+            f"{len(by_clip)} clips with view counts {sorted(counts)}"
+        )
+    predictions = []
+    for index, clip in by_clip.items():
+        mean = torch.tensor([p for _, p in clip]).mean(0)  # (views, classes) -> (classes,)
+        predictions.append(dict(index=index, label=clip[0][0], pred=int(mean.argmax()), probs=mean.tolist()))
+    return predictions
+
+
+def evaluate(model, landmark_net, dataset, batch_size, device, workers=0, amp=False):
+    """Evaluate `dataset` (ClipDataset, mode="eval") -> dict(uar, war, recall, f1, support, macro_f1, confusion,
+    predictions); identical on every rank under torch.distributed, each clip counted exactly once."""
+    device = torch.device(device)
+    net = model.module if isinstance(model, DistributedDataParallel) else model  # no DDP syncs in eval
+    was_training = net.training
+    net.eval()
+    landmark_net.eval()
+    rank, world = _world()
+    try:
+        rows = _view_probs(
+            net, landmark_net, dataset, list(range(rank, len(dataset), world)), batch_size, device, workers, amp
+        )  # rank r takes views r, r + world, ...: no padding, no duplicates
+    finally:
+        net.train(was_training)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    predictions = _per_clip(rows, len(dataset.samples))
+    metrics = compute_metrics([p["label"] for p in predictions], [p["pred"] for p in predictions], net.cfg.num_classes)
+    return dict(metrics, predictions=predictions)
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate an S2D checkpoint: UAR, WAR, per-class recall, macro-F1 and "
+        "the confusion matrix, or the class probabilities of one clip."
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="our checkpoint (train.py) or a released S2D one; with --folds, a pattern with {fold}",
+    )
+    p.add_argument("--dataset", choices=sorted(CLASSES), help="dataset whose test split is evaluated")
+    p.add_argument("--data-root", help="dataset root folder (layout as in data.py / README)")
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--fold", type=int, default=1, help="the fold to evaluate (DFEW, MAFW: 1-5; default 1)")
+    folds.add_argument("--folds", help="several folds, e.g. 1-5 or 1,3: per-fold reports, then mean and std")
+    p.add_argument("--video", help="a video file or a folder of frames: print this one clip's class probabilities")
+    p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint; omitted: the untrained, seeded detector")
+    p.add_argument("--batch-size", type=int, default=8, help="views per forward pass, per process (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (default 2)")
+    p.add_argument("--temporal-views", type=int, help="temporal windows per clip (default 2; images 1)")
+    p.add_argument("--spatial-crops", type=int, help="spatial crops per window (default 2; images 1)")
+    p.add_argument("--out", help="write per-clip predictions to this CSV (index, path, label, pred, prob per class)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    args = p.parse_args(argv)
+    if not args.video and not (args.dataset and args.data_root):
+        p.error("give --dataset and --data-root (a test split), or --video (one clip)")
+    return args
+
+
+def parse_folds(args):
+    if not args.folds:
+        return [args.fold]
+    if "-" in args.folds:
+        first, last = (int(x) for x in args.folds.split("-"))
+        return list(range(first, last + 1))
+    return [int(x) for x in args.folds.split(",")]
+
+
+def setup(device_arg):
+    """torchrun's environment -> (rank, device); a process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if world > 1:
+        local = int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return dist.get_rank(), device
+    return 0, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+
+
+def load_model(path, device, show=print):
+    """Our checkpoint (config inside) or a released one (config inferred) -> (model in eval mode, checkpoint)."""
+    ckpt = safe_load(path)
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    cfg = S2DConfig(**config) if config else config_from_state_dict(ckpt)
+    model = S2D(cfg)
+    report = load_checkpoint(model, ckpt, verbose=False)
+    if report.missing or report.mismatched:
+        raise ValueError(f"{path}: does not fit the model it describes ({cfg}):\n{report}")
+    show(report)
+    return model.to(device).eval(), ckpt
+
+
+def class_names(ckpt, dataset, num_classes):
+    """Names from --dataset, else the checkpoint's recorded dataset (ours or the release's args), else indices."""
+    recorded = []
+    if isinstance(ckpt, dict):
+        args = ckpt.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+        recorded = [ckpt.get("dataset"), args.get("dataset"), args.get("data_set")]
+    for name in (dataset, *recorded):
+        key = str(name).lower() if name else None
+        if key in CLASSES and len(CLASSES[key]) == num_classes:
+            return list(CLASSES[key])
+    return [str(c) for c in range(num_classes)]
+
+
+def views(args, image):
+    t = args.temporal_views or (1 if image else 2)
+    return t, args.spatial_crops or (1 if image else 2)
+
+
+def eval_fold(args, fold, device, landmark_net, show):
+    path = args.checkpoint.format(fold=fold) if "{fold}" in args.checkpoint else args.checkpoint
+    model, ckpt = load_model(path, device, show)
+    files = dataset_files(args.dataset, args.data_root, fold=fold)
+    samples = read_split(args.dataset, files.test)
+    t, s = views(args, args.dataset in IMAGE_DATASETS)
+    ds = ClipDataset(
+        samples,
+        files.media_root,
+        mode="eval",
+        num_frames=model.cfg.num_frames,
+        image_size=model.cfg.img_size,
+        temporal_views=t,
+        spatial_crops=s,
+        augment=False,
+    )
+    show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {t * s} views")
+    result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)
+    names = class_names(ckpt, args.dataset, model.cfg.num_classes)
+    show(format_report(result, names) + "\n")
+    return result, samples, names
+
+
+def summarize(results, names):
+    """Mean and sample standard deviation (n - 1) over folds, in percent."""
+    lines = [f"mean over {len(results)} folds (std over folds, n - 1):"]
+    for key in ("uar", "war", "macro_f1"):
+        xs = [100 * r[key] for r in results]
+        lines.append(f"  {key:<9} {statistics.fmean(xs):6.2f} +- {statistics.stdev(xs):5.2f}")
+    for c, name in enumerate(names):
+        xs = [100 * r["recall"][c] for r in results if r["recall"][c] is not None]
+        if xs:
+            lines.append(f"  recall {name:<12} {statistics.fmean(xs):6.2f}")
+    return "\n".join(lines)
+
+
+def write_csv(path, per_fold):
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        names = next(iter(per_fold.values()))[2]
+        out.writerow(["fold", "index", "path", "label", "pred"] + [f"prob_{n}" for n in names])
+        for fold, (result, samples, _) in per_fold.items():
+            for p in result["predictions"]:
+                out.writerow(
+                    [fold, p["index"], samples[p["index"]].path, p["label"], p["pred"]]
+                    + [f"{x:.6f}" for x in p["probs"]]
+                )
+
+
+def predict_video(args, device, landmark_net):
+    """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first)."""
+    model, ckpt = load_model(args.checkpoint, device)
+    names = class_names(ckpt, args.dataset, model.cfg.num_classes)
+    t, s = views(args, model.cfg.num_frames == 1)
+    ds = ClipDataset(
+        [Sample(path=os.path.abspath(args.video), label=0)],
+        "",
+        mode="eval",
+        num_frames=model.cfg.num_frames,
+        image_size=model.cfg.img_size,
+        temporal_views=t,
+        spatial_crops=s,
+        augment=False,
+    )
+    probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
+    print(f"{args.video}: {t * s} views averaged")
+    for p, name in sorted(zip(probs, names, strict=True), reverse=True):
+        print(f"  {name:<16} {p:.4f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.video:  # one clip, one process
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        predict_video(args, device, LandmarkFeatures(args.landmark_weights).to(device))
+    else:
+        rank, device = setup(args.device)
+        show = print if rank == 0 else (lambda *a: None)
+        landmark_net = LandmarkFeatures(args.landmark_weights).to(device)
+        folds = parse_folds(args)
+        if len(folds) > 1 and "{fold}" not in args.checkpoint:
+            raise SystemExit(
+                "eval.py: --folds needs a --checkpoint pattern with {fold}: one checkpoint evaluated "
+                "on every fold's test split would be tested on clips it was trained on"
+            )
+        per_fold = {fold: eval_fold(args, fold, device, landmark_net, show) for fold in folds}
+        if len(folds) > 1:
+            show(summarize([r for r, _, _ in per_fold.values()], next(iter(per_fold.values()))[2]))
+        if args.out and rank == 0:
+            write_csv(args.out, per_fold)
+            show(f"per-clip predictions: {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
