@@ -1,0 +1,839 @@
+"""Data for S2D: readers for the six datasets' official split files, PyAV decoding, the paper's clip sampling
+(SPEC.md section 4), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
+
+    python data.py make-demo --out data/demo                      # procedural face videos, FERV39K layout
+    python data.py check --dataset dfew --root /data/DFEW --fold 1  # opens every clip, lists the bad ones
+    python data.py bench --repeats 5                              # clips/s at 16 frames x 224 px, train aug
+"""
+import argparse
+import csv
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("data")
+
+# ---- label spaces, in each dataset's label order (SPEC.md section 5)
+CLASSES = {
+    "dfew": ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear"),
+    "ferv39k": ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"),
+    "mafw": ("anger", "anxiety", "contempt", "disappointment", "disgust", "fear", "happiness", "helplessness",
+             "neutral", "sadness", "surprise"),
+    "rafdb": ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"),
+    "affectnet7": ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger"),
+    "affectnet8": ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"),
+    "ferplus": ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"),
+}
+CLASSES["demo"] = CLASSES["ferv39k"]
+IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus"}
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ---- split files -> samples
+@dataclass(frozen=True)
+class Sample:
+    path: str  # frame folder, video or image, relative to the media root or absolute
+    label: int  # index into CLASSES[dataset]
+    pixels: bytes | None = field(default=None, repr=False)  # FERPlus: 48 x 48 grey pixels, no file behind it
+
+
+class SplitError(ValueError):
+    """A split or annotation file that does not follow its official format; the message names file and line."""
+
+
+def _rows(path, header):
+    """Yield (line number, row dict) of a CSV file whose header must be exactly `header`."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        found = [h.strip() for h in next(reader, [])]
+        if found != list(header):
+            raise SplitError(f"{path}:1: expected header {','.join(header)!r}, found {','.join(found)!r}")
+        for row in reader:
+            if len(row) != len(header):
+                raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
+            yield reader.line_num, dict(zip(header, (v.strip() for v in row)))
+
+
+def _words(path):
+    """Yield (line number, [name, value]) of a whitespace-separated two-column list without header."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            if len(line.split()) != 2:
+                raise SplitError(f"{path}:{n}: expected '<file> <label>', found {line!r}")
+            yield n, line.split()
+
+
+def _index(value, num_classes, path, line, base=0, hint=""):
+    """A label written as an integer counted from `base`, checked against the class count."""
+    if not value.lstrip("-").isdigit():
+        raise SplitError(f"{path}:{line}: label {value!r} is not an integer")
+    if not base <= int(value) < num_classes + base:
+        raise SplitError(f"{path}:{line}: label {value} outside {base}..{num_classes - 1 + base}{hint}")
+    return int(value) - base
+
+
+def _read_dfew(path, one_based=False, **_):
+    # The authors' split files count 0-6; the dataset's own files count 1-7 (one_based=True).
+    hint = "" if one_based else " (DFEW's own files count 1-7: use one_based=True)"
+    return [Sample(r["video_name"].zfill(5), _index(r["label"], 7, path, n, int(one_based), hint))
+            for n, r in _rows(path, ("video_name", "label"))]
+
+
+def _read_ferv39k(path, **_):
+    return [Sample(r["path"], _index(r["id"], 7, path, n)) for n, r in _rows(path, ("path", "id"))]
+
+
+def _read_mafw(path, **_):
+    if Path(path).suffix == ".csv":
+        return [Sample(r["video_name"], _index(r["labels"], 11, path, n))
+                for n, r in _rows(path, ("video_name", "labels"))]
+    samples = []
+    for n, (name, label) in _words(path):
+        if label not in CLASSES["mafw"]:
+            raise SplitError(f"{path}:{n}: unknown class {label!r}, expected one of {', '.join(CLASSES['mafw'])}")
+        samples.append(Sample(name, CLASSES["mafw"].index(label)))
+    return samples
+
+
+def _read_rafdb(path, split=None, **_):
+    # list_patition_label.txt holds both splits; rows 'train_00001.jpg 5' point at Image/aligned/*_aligned.jpg.
+    if split not in ("train", "test"):
+        raise SplitError(f"{path}: RAF-DB needs split='train' or 'test' (or a '#train' / '#test' suffix)")
+    return [Sample(f"{Path(name).stem}_aligned.jpg", _index(label, 7, path, n, base=1))
+            for n, (name, label) in _words(path) if name.startswith(split + "_")]
+
+
+def _read_affectnet(path, num_classes, **_):
+    header = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+              "expression", "valence", "arousal")
+    samples, excluded = [], 0
+    for n, r in _rows(path, header):
+        expression = _index(r["expression"], 11, path, n)  # 8-10: none, uncertain, non-face
+        if expression < num_classes:
+            samples.append(Sample(r["subDirectory_filePath"], expression))
+        excluded += expression >= num_classes
+    log.info("%s: %d images kept, %d excluded (expression %d-10)", path, len(samples), excluded, num_classes)
+    return samples
+
+
+def _read_ferplus(path, split=None, **_):
+    # path is fer2013new.csv (votes); the pixels come from fer2013.csv in the same folder, row for row.
+    usage = {"train": "Training", "valid": "PublicTest", "test": "PrivateTest"}.get(split)
+    if usage is None:
+        raise SplitError(f"{path}: FERPlus needs split='train', 'valid' or 'test' (or a '#train' suffix)")
+    pixels_path = Path(path).with_name("fer2013.csv")
+    votes = list(_rows(path, ("Usage", "Image name") + CLASSES["ferplus"] + ("unknown", "NF")))
+    pixels = list(_rows(pixels_path, ("emotion", "pixels", "Usage")))
+    if len(votes) != len(pixels):
+        raise SplitError(f"{path}: {len(votes)} rows, but {pixels_path} has {len(pixels)}")
+    samples, excluded = [], 0
+    for (n, v), (m, p) in zip(votes, pixels):
+        if v["Usage"] != p["Usage"]:
+            raise SplitError(f"{path}:{n}: Usage {v['Usage']} differs from {pixels_path}:{m} ({p['Usage']})")
+        if v["Usage"] != usage:
+            continue
+        grey = np.array(p["pixels"].split(), np.uint8)
+        if grey.size != 48 * 48:
+            raise SplitError(f"{pixels_path}:{m}: expected 2304 pixel values, found {grey.size}")
+        label = _ferplus_majority([_index(v[c], 10**6, path, n) for c in CLASSES["ferplus"] + ("unknown", "NF")])
+        if label is None or not v["Image name"]:
+            excluded += 1
+            continue
+        samples.append(Sample(v["Image name"], label, grey.tobytes()))
+    log.info("%s#%s: %d images kept, %d excluded (no majority, unknown or not a face)", path, split,
+             len(samples), excluded)
+    return samples
+
+
+def _ferplus_majority(votes):
+    """Majority vote as in the FERPlus reference script: drop single votes, keep a class with over half the
+    rest, and exclude the image when that class is 'unknown' or 'NF' or no class has a majority."""
+    votes = np.where(np.array(votes) > 1, votes, 0)
+    top = int(votes.argmax())
+    return top if votes[top] > 0.5 * votes.sum() and top < 8 else None
+
+
+READERS = {"dfew": _read_dfew, "ferv39k": _read_ferv39k, "demo": _read_ferv39k, "mafw": _read_mafw,
+           "rafdb": _read_rafdb, "ferplus": _read_ferplus,
+           "affectnet7": lambda path, **o: _read_affectnet(path, 7), "affectnet8": lambda path, **o: _read_affectnet(path, 8)}
+
+
+def read_split(dataset, path, split=None, **options):
+    """Samples of one official split file, labels in CLASSES[dataset] order. A file holding several splits
+    (RAF-DB, FERPlus) takes split='train' | 'test' ('valid' for FERPlus) or the same as a '#train' suffix on path.
+    Options: one_based=True for DFEW's own 1-7 label files."""
+    if dataset not in READERS:
+        raise ValueError(f"unknown dataset {dataset!r}, expected one of {', '.join(READERS)}")
+    path, _, suffix = str(path).partition("#")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{dataset} split file {path} does not exist")
+    samples = READERS[dataset](path, split=split or suffix or None, **options)
+    if not samples:
+        raise SplitError(f"{path}: no samples for split {split or suffix or '(all)'}")
+    return samples
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    train: str  # split files, as read_split takes them
+    test: str
+    media_root: str  # the folder that Sample.path is relative to
+
+
+def dataset_files(dataset, root, fold=1):
+    """Where the official layout under `root` keeps the split files and the media (README, section Datasets)."""
+    if not 1 <= fold <= 5:
+        raise ValueError(f"fold {fold} outside 1..5")
+    split = {"dfew": ("EmoLabel_DataSplit/{0}(single-labeled)/{0}_set_%d.csv" % fold, "Clip/clip_224x224"),
+             "ferv39k": ("Annotation/{0}.csv", "."), "demo": ("{0}.csv", "."),
+             "mafw": ("anno/single/no_caption/set_%d/{0}.txt" % fold, "data/clips"),
+             "rafdb": ("EmoLabel/list_patition_label.txt#{0}", "Image/aligned"),
+             "affectnet7": ("Manually_Annotated_file_lists/{1}.csv", "Manually_Annotated_Images"),
+             "ferplus": ("fer2013new.csv#{0}", ".")}
+    split["affectnet8"] = split["affectnet7"]
+    if dataset not in split:
+        raise ValueError(f"unknown dataset {dataset!r}, expected one of {', '.join(split)}")
+    pattern, media = split[dataset]
+    root = Path(root)
+    return DatasetFiles(str(root / pattern.format("train", "training")), str(root / pattern.format("test", "validation")),
+                        str(root / media))
+
+
+# ---- decoding with PyAV
+class ClipError(RuntimeError):
+    """A clip that is missing, empty or undecodable; the message starts with its path."""
+
+
+def _natural_key(name):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frames(folder):
+    """JPEG / PNG files of a frame folder in natural order (frame2 before frame10)."""
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=_natural_key)
+    return [os.path.join(folder, n) for n in names]
+
+
+def decode_image(path):
+    """One JPEG or PNG file as uint8 (H, W, 3); grey images are expanded to 3 channels."""
+    data = Path(path).read_bytes()
+    codec = "png" if data.startswith(b"\x89PNG") else "mjpeg"
+    if codec == "mjpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise ClipError(f"{path}: truncated or not a JPEG/PNG file (no end-of-image marker)")
+    frames = av.CodecContext.create(codec, "r").decode(av.Packet(data))
+    if not frames:
+        raise ClipError(f"{path}: no image could be decoded")
+    return frames[0].to_ndarray(format="rgb24")
+
+
+def _read_video(path, pick):
+    """Frames pick(num_frames) of a video as uint8 (T, H, W, 3): seek to the key frame before the first one
+    and decode only up to the last one, with FFmpeg's threads."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if not stream.frames or not stream.average_rate:  # no frame count in the header: decode everything
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            return np.stack([frames[k] for k in _pick(len(frames), pick, path)])
+        wanted = _pick(stream.frames, pick, path)
+        start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
+        if min(wanted) > 0:
+            container.seek(start + int(min(wanted) * step), stream=stream, backward=True)
+        got = {}
+        for frame in container.decode(stream):
+            k = round((frame.pts - start) / step)
+            if k in wanted:
+                got[k] = frame.to_ndarray(format="rgb24")
+            if k >= max(wanted):
+                break
+    if len(got) < len(set(wanted)):
+        raise ClipError(f"{path}: header says {stream.frames} frames, frames {sorted(set(wanted) - set(got))} "
+                        "could not be decoded")
+    return np.stack([got[k] for k in wanted])
+
+
+def _pick(length, pick, path):
+    if length == 0:
+        raise ClipError(f"{path}: no frames")
+    return [int(k) for k in pick(length)]
+
+
+def resolve(media_root, path):
+    """The file or folder of a sample; 'x.mp4' may also be a frame folder 'x', and 'x' a video 'x.mp4'."""
+    full = Path(media_root, path)
+    candidates = [full] + ([full.with_suffix("")] if full.suffix.lower() in VIDEO_EXTS else
+                           [full.with_name(full.name + ext) for ext in VIDEO_EXTS if not full.suffix])
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ClipError(f"{full}: no such frame folder, video or image")
+
+
+def load_clip(sample, media_root, pick=lambda n: range(n)):
+    """Frames pick(length) of a sample as uint8 (T, H, W, 3); a still image gives T = 1."""
+    if sample.pixels is not None:  # FERPlus: 48 x 48 grey
+        return np.repeat(np.frombuffer(sample.pixels, np.uint8).reshape(1, 48, 48, 1), 3, axis=3)
+    path = resolve(media_root, sample.path)
+    try:
+        if path.is_dir():
+            files = list_frames(path)
+            frames = [decode_image(files[k]) for k in _pick(len(files), pick, f"{path} (frame folder)")]
+            if len({f.shape for f in frames}) > 1:
+                raise ClipError(f"{path}: frames differ in size: {sorted({f.shape for f in frames})}")
+            return np.stack(frames)
+        if path.suffix.lower() in VIDEO_EXTS:
+            return _read_video(path, pick)
+        return decode_image(path)[None]
+    except (av.FFmpegError, OSError, IndexError) as err:
+        raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+# ---- sampling (SPEC.md section 4)
+def train_indices(length, num_frames, rate, rng):
+    """T frames `rate` apart at a random offset; a clip shorter than the span repeats its last frame."""
+    span = (num_frames - 1) * rate + 1
+    offset = int(rng.integers(0, max(length - span, 0) + 1))
+    return np.minimum(offset + np.arange(num_frames) * rate, length - 1)
+
+
+def eval_indices(length, num_frames, rate, views):
+    """`views` windows of T frames, evenly spaced from the first to the last possible offset (centred if 1)."""
+    room = max(length - (num_frames - 1) * rate - 1, 0)
+    offsets = [room // 2] if views == 1 else [round(v * room / (views - 1)) for v in range(views)]
+    return [np.minimum(o + np.arange(num_frames) * rate, length - 1) for o in offsets]
+
+
+def crop_offset(extent, side, crop, crops):
+    """Start of spatial crop `crop` of `crops` (evenly spaced, centred if 1) along an axis of `extent` px."""
+    return (extent - side) // 2 if crops == 1 else round(crop * (extent - side) / (crops - 1))
+
+
+# ---- augmentation in torch: one draw per clip, applied to every frame alike
+@dataclass
+class Augment:
+    resized_crop: bool = True  # random resized crop, else short-side resize and centre crop
+    scale: tuple = (0.25, 1.0)  # area fraction of the crop
+    ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio of the crop
+    flip: bool = True  # horizontal flip, p = 0.5
+    randaugment: bool = True  # RandAugment (subset below), timm style: each op with p = 0.5
+    ra_ops: int = 4  # n
+    ra_magnitude: float = 7.0  # m, 0..10
+    ra_std: float = 0.5  # per-op noise on m
+    erase_p: float = 0.25  # random erasing with per-pixel normal noise
+
+
+def _gray(x):  # (T, 3, H, W) -> (T, 1, H, W)
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blend(x, other, factor):  # factor 1 keeps x, 0 gives other
+    return (other + (x - other) * factor).clamp(0, 1)
+
+
+_COLOUR_OPS = {  # v in [-1, 1]: magnitude / 10 with a random sign
+    "brightness": lambda x, v: _blend(x, torch.zeros_like(x), 1 + 0.9 * v),
+    "contrast": lambda x, v: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), 1 + 0.9 * v),
+    "color": lambda x, v: _blend(x, _gray(x), 1 + 0.9 * v),
+    "sharpness": lambda x, v: _blend(x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), 1 + 0.9 * v),
+    "posterize": lambda x, v: torch.floor(x * 255 / 2 ** int(4 * abs(v))) * 2 ** int(4 * abs(v)) / 255,
+    "solarize": lambda x, v: torch.where(x >= 1 - abs(v), 1 - x, x),
+    "autocontrast": lambda x, v: (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True)
+                                                                       - x.amin((2, 3), keepdim=True)).clamp(min=1e-3),
+}
+_AFFINE_OPS = {  # 2 x 3 matrices on normalised coordinates
+    "rotate": lambda v: [[math.cos(v * math.pi / 6), -math.sin(v * math.pi / 6), 0],
+                         [math.sin(v * math.pi / 6), math.cos(v * math.pi / 6), 0]],
+    "shear_x": lambda v: [[1, 0.3 * v, 0], [0, 1, 0]],
+    "shear_y": lambda v: [[1, 0, 0], [0.3 * v, 1, 0]],
+    "translate_x": lambda v: [[1, 0, 0.9 * v], [0, 1, 0]],
+    "translate_y": lambda v: [[1, 0, 0], [0, 1, 0.9 * v]],
+}
+RA_OPS = sorted(_COLOUR_OPS) + sorted(_AFFINE_OPS)
+
+
+def randaugment(x, aug, rng):
+    """RandAugment on (T, 3, H, W) in [0, 1] with one set of ops and magnitudes for all T frames."""
+    for name in rng.choice(RA_OPS, aug.ra_ops):
+        m = np.clip(rng.normal(aug.ra_magnitude, aug.ra_std), 0, 10)
+        v = m / 10 * rng.choice([-1, 1])
+        if rng.random() >= 0.5:
+            continue
+        if name in _COLOUR_OPS:
+            x = _COLOUR_OPS[name](x, v).clamp(0, 1)
+        else:  # filled with the ImageNet mean colour where the frame moved out
+            mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+            grid = F.affine_grid(torch.tensor([_AFFINE_OPS[name](v)], dtype=x.dtype).expand(len(x), 2, 3), x.shape, False)
+            x = F.grid_sample(x - mean, grid, align_corners=False) + mean
+    return x
+
+
+def _crop_box(h, w, aug, rng):
+    """(top, left, height, width) of the clip's random resized crop, or the centred square."""
+    for _ in range(10 if aug is not None and aug.resized_crop else 0):
+        area = h * w * rng.uniform(*aug.scale)
+        ratio = math.exp(rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1])))
+        ch, cw = round(math.sqrt(area / ratio)), round(math.sqrt(area * ratio))
+        if 0 < ch <= h and 0 < cw <= w:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def _resize(frames, box, size):
+    """Crop uint8 (T, H, W, 3) to box and resize to float (T, 3, size, size) in [0, 1]."""
+    top, left, ch, cw = box
+    x = torch.from_numpy(frames[:, top:top + ch, left:left + cw]).permute(0, 3, 1, 2).float() / 255
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def _normalise(x):  # (T, 3, S, S) in [0, 1] -> (3, T, S, S) ImageNet-normalised
+    return ((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)).permute(1, 0, 2, 3)
+
+
+def train_view(frames, size, aug, rng):
+    """Training clip (3, T, size, size) from uint8 (T, H, W, 3): one augmentation draw for all frames."""
+    x = _resize(frames, _crop_box(*frames.shape[1:3], aug, rng), size)
+    if aug is not None and aug.flip and rng.random() < 0.5:
+        x = x.flip(3)
+    if aug is not None and aug.randaugment:
+        x = randaugment(x, aug, rng)
+    x = _normalise(x)
+    if aug is not None and rng.random() < aug.erase_p:
+        x = random_erase(x, rng)
+    return x.contiguous()
+
+
+def random_erase(x, rng):
+    """Random erasing (area 2-33 %, log aspect 0.3-3.3) of the same box in every frame, per-pixel normal noise."""
+    _, _, h, w = x.shape
+    for _ in range(10):
+        area, ratio = h * w * rng.uniform(0.02, 1 / 3), math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        eh, ew = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if eh < h and ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            noise = torch.randn(3, 1, eh, ew, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+            x = x.clone()
+            x[:, :, top:top + eh, left:left + ew] = noise
+            return x
+    return x
+
+
+def eval_view(frames, size, crop, crops):
+    """Evaluation clip (3, T, size, size): short side resized to size, spatial crop `crop` of `crops`."""
+    _, h, w, _ = frames.shape
+    side = min(h, w)
+    box = (crop_offset(h, side, crop, crops), crop_offset(w, side, crop, crops), side, side)
+    return _normalise(_resize(frames, box, size)).contiguous()
+
+
+# ---- dataset and sampler
+class ClipDataset(torch.utils.data.Dataset):
+    """Model-ready clips. mode='train': one augmented clip per sample, a clip that fails to decode is logged and
+    replaced by the next readable one (item['replaced']); mode='eval': temporal_views x spatial_crops views per
+    sample, never substituted (ClipError names the path). Still images give T = 1 and one temporal view."""
+
+    def __init__(self, samples, media_root, mode="train", num_frames=16, image_size=224, sampling_rate=1,
+                 temporal_views=2, spatial_crops=2, augment=True, seed=0):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode {mode!r}, expected 'train' or 'eval'")
+        self.samples, self.media_root, self.mode = list(samples), media_root, mode
+        still = all(s.pixels is not None or s.path.lower().endswith(IMAGE_EXTS) for s in self.samples)
+        self.num_frames, self.temporal_views = (1, 1) if still else (num_frames, temporal_views)
+        self.image_size, self.sampling_rate, self.spatial_crops, self.seed = image_size, sampling_rate, spatial_crops, seed
+        self.augment = Augment() if augment is True else (augment or None)
+        self.epoch, self._last = 0, (None, None)
+
+    def __len__(self):
+        return len(self.samples) * (self.temporal_views * self.spatial_crops if self.mode == "eval" else 1)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def view_of(self, i):
+        """(clip index, temporal view, spatial crop) of eval item i."""
+        clip, view = divmod(i, self.temporal_views * self.spatial_crops)
+        return (clip, *divmod(view, self.spatial_crops))
+
+    def __getitem__(self, i):
+        if self.mode == "eval":
+            clip, window, crop = self.view_of(i)
+            if self._last[0] != (clip, window):  # the crops of one window decode once
+                pick = lambda n: eval_indices(n, self.num_frames, self.sampling_rate, self.temporal_views)[window]  # noqa: E731
+                self._last = ((clip, window), load_clip(self.samples[clip], self.media_root, pick))
+            video = eval_view(self._last[1], self.image_size, crop, self.spatial_crops)
+            return dict(video=video, label=self.samples[clip].label, index=clip, view=i % (len(self) // len(self.samples)),
+                        replaced=False)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        for k in range(min(len(self.samples), 16)):
+            clip = (i + k) % len(self.samples)
+            try:
+                pick = lambda n: train_indices(n, self.num_frames, self.sampling_rate, rng)  # noqa: E731
+                frames = load_clip(self.samples[clip], self.media_root, pick)
+            except ClipError as err:
+                log.warning("training clip %d failed, trying clip %d instead: %s", clip, clip + 1, err)
+                continue
+            return dict(video=train_view(frames, self.image_size, self.augment, rng), label=self.samples[clip].label,
+                        index=clip, view=0, replaced=k > 0)
+        raise ClipError(f"{self.samples[i].path}: it and the next {k} clips all failed to decode")
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler):
+    """Oversampling: clips drawn with replacement, with probability inversely proportional to their class's
+    frequency. Each epoch is one draw of num_samples (default: the dataset size, rounded up to a multiple of the
+    replicas) from seed and epoch; rank r takes draws r, r + R, r + 2R, ..., so the ranks' shares are disjoint."""
+
+    def __init__(self, labels, num_replicas=1, rank=0, seed=0, num_samples=None):
+        labels = torch.as_tensor(labels)
+        self.weights = 1.0 / torch.bincount(labels)[labels].double()
+        self.total = math.ceil((num_samples or len(labels)) / num_replicas) * num_replicas
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draws = torch.multinomial(self.weights, self.total, replacement=True, generator=generator)
+        return iter(draws[self.rank::self.num_replicas].tolist())
+
+    def __len__(self):
+        return self.total // self.num_replicas
+
+
+# ---- demo dataset: procedural faces drawn from 68 landmarks (iBUG layout), numpy only
+# Expression parameters at the apex, as offsets from neutral: brow raise, brow inner end down, brow squeeze,
+# upper lid open, lower lid open, mouth width, smile (corners up), mouth open, upper lip raise, lips thin, nose up.
+_APEX = np.array([
+    [-0.6, 1.1, 1.0, -0.5, -0.2, -0.2, 0.0, 0.0, 0.0, 0.6, 0.0],  # Angry: brows down in a V, narrow eyes, pressed lips
+    [-0.5, 0.3, 0.6, -0.4, -0.5, -0.1, -0.5, 0.1, 1.0, 0.0, 1.0],  # Disgust: upper lip and nose up, corners down
+    [0.8, -0.8, 0.6, 0.9, 0.3, 0.3, -0.3, 0.14, 0.0, 0.0, 0.0],  # Fear: brows up and together, wide eyes, stretched
+    [0.1, 0.0, 0.0, -0.15, -0.6, 0.25, 1.0, 0.1, 0.0, 0.0, 0.0],  # Happy: wide smile, raised cheeks
+    [0.0] * 11,  # Neutral
+    [0.1, -1.1, 0.3, -0.2, 0.0, -0.05, -1.1, 0.0, 0.0, 0.0, 0.0],  # Sad: inner brows up, corners down
+    [1.3, 0.0, 0.0, 0.9, 0.3, -0.4, 0.0, 0.4, 0.0, 0.0, 0.0],  # Surprise: brows high, eyes wide, mouth a tall O
+])
+_EYE = np.array([[-1, 0], [-0.4, -1], [0.4, -1], [1, 0], [0.4, 1], [-0.4, 1]], float)  # corners and lids
+
+
+def _identity(rng):
+    """Face shape, feature sizes and colours of one person."""
+    skin = np.array([240, 205, 180]) + rng.uniform() * np.array([-140, -140, -135]) + rng.uniform(-12, 12, 3)
+    hair = np.array([[25, 20, 18], [70, 45, 25], [150, 110, 60], [200, 170, 110], [130, 130, 130]])[rng.integers(5)]
+    iris = np.array([[70, 45, 25], [50, 95, 140], [70, 110, 60], [35, 30, 30]])[rng.integers(4)]
+    u = lambda a, b: rng.uniform(a, b)  # noqa: E731
+    return dict(w=u(0.85, 1.05), h=u(0.95, 1.12), jaw=u(0.7, 1.3), forehead=u(0.9, 1.05), hair_h=u(0.6, 1.0),
+                eye_x=u(0.38, 0.46), eye=u(0.85, 1.2), brow_y=u(-0.56, -0.48), brow_t=u(0.06, 0.1),
+                mouth_w=u(0.28, 0.38), mouth_y=u(0.5, 0.6), lip=u(0.04, 0.07), nose=u(0.9, 1.1),
+                skin=skin, hair=hair * u(0.8, 1.2), iris=iris, lips=skin * [0.85, 0.55, 0.55] + [25, 0, 0])
+
+
+def _landmarks(e, idt):
+    """68 points (x right, y down, face half-width about 1) for expression parameters e and identity idt."""
+    b_raise, b_inner, squeeze, lid_up, lid_low, width, smile, gap, lip_up, thin, nose_up = e
+    p = np.zeros((68, 2))
+    a = np.linspace(0, np.pi, 17)
+    p[0:17] = _xy(-np.sign(np.cos(a)) * np.abs(np.cos(a)) ** idt["jaw"] * idt["w"],
+                    -0.1 + idt["h"] * np.sin(a) + 0.6 * gap * np.sin(a) ** 8)  # jaw, the chin drops with the mouth
+    u = np.linspace(0, 1, 5)  # along a brow, outer end to inner end
+    bx = -(0.8 - 0.62 * u) * idt["w"] + 0.07 * squeeze * u
+    by = idt["brow_y"] - 0.08 * np.sin(np.pi * u) * (1 + 0.5 * b_raise) - 0.14 * b_raise + 0.14 * b_inner * u ** 1.5
+    p[17:22], p[22:27] = _xy(bx, by), _xy(-bx[::-1], by[::-1])
+    p[27:31] = _xy(np.zeros(4), np.linspace(-0.3, 0.15 * idt["nose"], 4))
+    p[31:36] = _xy(np.linspace(-0.17, 0.17, 5) * (1 + 0.15 * nose_up),
+                     0.15 * idt["nose"] + np.array([0.06, 0.09, 0.1, 0.09, 0.06]) - 0.05 * nose_up)
+    lids = np.where(_EYE[:, 1] < 0, 1 + lid_up, 0.8 * (1 + lid_low))  # upper and lower lids open separately
+    for first, side in ((36, -1), (42, 1)):
+        p[first:first + 6] = _EYE * [0.19, 0.085] * idt["eye"] * _xy(np.ones(6), lids) + [side * idt["eye_x"], -0.25]
+    mw = idt["mouth_w"] * (1 + width)
+    mid = lambda x: idt["mouth_y"] - 0.12 * smile * x ** 2  # noqa: E731  mouth line, corners up with a smile
+    prof = lambda x: np.sqrt(np.clip(1 - x ** 2, 0, 1))  # noqa: E731  lip height profile, 0 at the corners
+    xo, xi = np.array([-1, -0.66, -0.33, 0, 0.33, 0.66, 1]), np.array([-0.88, -0.4, 0, 0.4, 0.88])
+    lip_u, lip_l = idt["lip"] * (1 - 0.6 * thin), 1.3 * idt["lip"] * (1 - 0.6 * thin)
+    up_o = mid(xo) - (gap / 2 + 0.05 * lip_up) * prof(xo) - lip_u * prof(xo) ** 0.5
+    low_o = mid(xo) + gap / 2 * prof(xo) + lip_l * prof(xo) ** 0.5
+    up_i, low_i = mid(xi) - (gap / 2 + 0.05 * lip_up) * prof(xi), mid(xi) + gap / 2 * prof(xi)
+    p[48:55], p[55:60] = _xy(xo * mw, up_o), _xy(xo[5:0:-1] * mw, low_o[5:0:-1])
+    p[60:65], p[65:68] = _xy(xi * mw, up_i), _xy(xi[3:0:-1] * mw, low_i[3:0:-1])
+    return p
+
+
+def _xy(x, y):  # (n,), (n,) -> (n, 2)
+    return np.stack(np.broadcast_arrays(x, y), axis=1)
+
+
+_CLIP_TO = {"iris": "eye", "pupil": "eye", "teeth": "mouth"}
+
+
+def _ellipse(cx, cy, rx, ry, n=24):
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return _xy(cx + rx * np.cos(a), cy + ry * np.sin(a))
+
+
+def _ribbon(points, width):
+    """A thick polyline as a polygon, tapering towards both ends."""
+    d = np.concatenate([points[1:2] - points[:1], points[2:] - points[:-2], points[-1:] - points[-2:-1]])
+    normal = _xy(-d[:, 1], d[:, 0]) / np.linalg.norm(d, axis=1, keepdims=True).clip(1e-9)
+    half = width / 2 * (0.5 + 0.5 * np.sin(np.linspace(0.15, 0.85, len(points)) * np.pi))[:, None]
+    return np.r_[points + normal * half, (points - normal * half)[::-1]]
+
+
+def _shapes(p, idt):
+    """(polygon in face units, colour, name) back to front; 'iris'/'pupil' are clipped to the eye,
+    'teeth' to the open mouth."""
+    skin, w = idt["skin"], idt["w"]
+    arc = np.linspace(0, np.pi, 13)[1:-1]
+    face = np.r_[p[0:17], _xy(w * np.cos(arc), -0.1 - idt["forehead"] * np.sin(arc))]
+    shapes = [(np.array([[-0.42 * w, 0.4], [0.42 * w, 0.4], [0.5 * w, 2.5], [-0.5 * w, 2.5]]), skin * 0.85, "neck"),
+              (_ellipse(0, -0.35, 1.1 * w, idt["hair_h"] + 0.2), idt["hair"], "hair"), (face, skin, "face")]
+    for eye in (p[36:42], p[42:48]):
+        c, r = eye.mean(0), 0.07 * idt["eye"]
+        shapes += [(eye, np.array([245.0, 245, 240]), "eye"), (_ellipse(*c, r, r), idt["iris"], "iris"),
+                   (_ellipse(*c, 0.45 * r, 0.45 * r), np.zeros(3) + 15, "pupil"),
+                   (_ribbon(eye[:4], 0.025), idt["hair"] * 0.5, "lid")]
+    inner = p[60:68]
+    shapes += [(_ribbon(p[17:22], idt["brow_t"]), idt["hair"] * 0.8, "brow"),
+               (_ribbon(p[22:27], idt["brow_t"]), idt["hair"] * 0.8, "brow"),
+               (_ribbon(p[27:31], 0.035), skin * 0.8, "nose"), (_ribbon(p[31:36], 0.045), skin * 0.55, "nose"),
+               (p[48:60], idt["lips"], "lips"), (inner, np.array([60.0, 20, 25]), "mouth"),
+               (np.r_[p[60:65], (p[64:59:-1] + [0, 0.3 * np.ptp(inner[:, 1])])], np.array([235.0, 230, 220]), "teeth"),
+               (_ribbon(p[60:65], 0.02), idt["lips"] * 0.5, "lipline")]
+    return shapes
+
+
+def _coverage(poly, size, sub=4):
+    """Anti-aliased coverage of a closed polygon (even-odd rule), exact along each of `sub` sub-rows per pixel
+    row: (row slice, column slice, coverage) of its bounding box in a size x size frame."""
+    (x0, y0) = np.floor(poly.min(0)).astype(int).clip(0, size)
+    (x1, y1) = (np.ceil(poly.max(0)).astype(int) + 1).clip(0, size)
+    ys = y0 + (np.arange((y1 - y0) * sub) + 0.5) / sub  # (R,) sub-row centres
+    (xa, ya), (xb, yb) = poly.T, np.concatenate([poly[1:], poly[:1]]).T  # edges a -> b
+    crosses = (ya <= ys[:, None]) != (yb <= ys[:, None])  # (R, E)
+    t = (ys[:, None] - ya) / np.where(yb == ya, 1, yb - ya)
+    xs = np.sort(np.where(crosses, xa + t * (xb - xa), np.inf), axis=1)  # (R, E) crossings left to right
+    k = int(crosses.sum(1).max(initial=0)) // 2 * 2
+    left, right = xs[:, 0:k:2, None], xs[:, 1:k:2, None]  # (R, P, 1) spans inside the polygon
+    valid = np.isfinite(right)
+    cols = np.arange(x0, x1)
+    span = np.minimum(cols + 1, np.where(valid, right, 0)) - np.maximum(cols, np.where(valid, left, 0))
+    span = np.minimum(np.maximum(span, 0), 1)
+    cov = span.sum(1).reshape(y1 - y0, sub, x1 - x0).mean(1, dtype=np.float32)  # (R, P, C) -> (rows, C)
+    return slice(y0, y1), slice(x0, x1), cov
+
+
+def _project(q, pose):
+    """Face units -> pixels: yaw with a rough depth (nose out front), then roll, scale and shift."""
+    z = 0.5 * np.sqrt(np.clip(1 - (q[:, 0] / 1.1) ** 2 - (q[:, 1] / 1.8) ** 2, 0, 1))
+    z = z + 0.3 * np.exp(-(q[:, 0] ** 2 / 0.02 + (q[:, 1] - 0.05) ** 2 / 0.06))
+    x = q[:, 0] * math.cos(pose[3]) + z * math.sin(pose[3])
+    c, s = math.cos(pose[2]), math.sin(pose[2])
+    return _xy(c * x - s * q[:, 1], s * x + c * q[:, 1]) * pose[4] + pose[:2]
+
+
+def _render(p, idt, pose, background, size):
+    """One frame: the face of landmarks p over the background, before lighting and noise."""
+    img, masks = background.copy(), {}
+    shapes = _shapes(p, idt)
+    ends = np.cumsum([len(poly) for poly, _, _ in shapes])
+    polys = np.split(_project(np.concatenate([poly for poly, _, _ in shapes]), pose), ends[:-1])
+    for poly, (_, colour, name) in zip(polys, shapes):
+        ys, xs, cov = _coverage(poly, size)
+        if name in ("eye", "mouth"):
+            masks[name] = np.zeros((size, size), np.float32)
+            masks[name][ys, xs] = cov
+        if name in _CLIP_TO:
+            cov = cov * masks[_CLIP_TO[name]][ys, xs]
+        region = img[ys, xs]
+        region += cov[..., None] * (colour.astype(np.float32) - region)
+    return img
+
+
+def demo_clip(label, rng, size=128):
+    """Frames uint8 (T, size, size, 3) and landmarks float32 (T, 68, 2) in pixels of one clip of class `label`:
+    neutral at first, the apex reached by frame 5 and held to the end (16-32 frames)."""
+    idt, n = _identity(rng), int(rng.integers(16, 33))
+    t = np.clip((np.arange(n) - rng.integers(0, 2)) / rng.uniform(2, 4), 0, 1)
+    intensity = rng.uniform(0.85, 1.1) * t * t * (3 - 2 * t)  # smoothstep onset
+    pose = np.array([size * rng.uniform(0.45, 0.55), size * rng.uniform(0.46, 0.56), rng.uniform(-0.17, 0.17),
+                     rng.uniform(-0.3, 0.3), size * rng.uniform(0.3, 0.35)])  # centre x, y, roll, yaw, px per unit
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    light = rng.uniform(-0.35, 0.35, 2)
+    bg_dir = rng.uniform(-40, 40, 2)
+    background = np.clip(rng.uniform(20, 235, 3) + (xx * bg_dir[0] + yy * bg_dir[1])[..., None], 0, 255)
+    frames, points, jitter = [], [], np.zeros(5)
+    for k in range(n):
+        jitter = 0.8 * jitter + rng.normal(0, [0.004 * size, 0.004 * size, 0.01, 0.01, 0.004 * pose[4]])
+        p = _landmarks(_APEX[label] * intensity[k], idt)
+        img = _render(p, idt, pose + jitter, background.astype(np.float32), size)
+        img *= rng.uniform(0.97, 1.03) * (1 + xx * light[0] + yy * light[1])[..., None]
+        img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 5)
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+        points.append(_project(p, pose + jitter))
+    return np.stack(frames), np.stack(points).astype(np.float32)
+
+
+def _write_frames(folder, frames):
+    """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally)."""
+    folder.mkdir(parents=True)
+    for k, frame in enumerate(frames, 1):
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height, codec.pix_fmt = frame.shape[1], frame.shape[0], "yuvj444p"
+        codec.options = {"qmin": "1", "qmax": "2"}
+        packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj444p"))
+        (folder / f"{k}.jpg").write_bytes(b"".join(bytes(p) for p in packets + codec.encode(None)))
+
+
+def _write_video(path, frames, fps=25):
+    """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "12", "preset": "veryfast", "g": "8"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        stream.codec_context.thread_count = 1  # same bytes on every run
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def _demo_item(job):
+    """Render and write one demo clip; returns its split row."""
+    out, seed, label, k, rel, size = job
+    frames, points = demo_clip(label, np.random.default_rng([seed, label, k]), size)
+    (_write_video if rel.endswith(".mp4") else _write_frames)(out / rel, frames)
+    landmarks = out / "landmarks" / Path(rel).relative_to("clips").with_suffix(".npy")
+    landmarks.parent.mkdir(parents=True, exist_ok=True)
+    np.save(landmarks, points)
+    return f"{rel},{label}"
+
+
+def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4, workers=None):
+    """Write the demo dataset in the FERV39K layout: train.csv / test.csv ('path,id'), frame folders
+    clips/<Class>/<nnnn>/<k>.jpg, every mp4_every-th clip as clips/<Class>/<nnnn>.mp4 instead, and the ground-truth
+    landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 350) is split evenly over
+    the 7 classes, a fifth of each class held out for test. Written into a temporary folder that is renamed at the
+    end, so a crash leaves no complete-looking dataset."""
+    out, per_class = Path(out_dir), max(2, (num_clips or 350) // 7)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    jobs = [(tmp, seed, label, k, f"clips/{name}/{k:04d}" + (".mp4" if k % mp4_every == 1 % mp4_every else ""), size)
+            for label, name in enumerate(CLASSES["demo"]) for k in range(per_class)]
+    try:
+        with ThreadPoolExecutor(1) if workers == 1 else _process_pool(workers) as pool:
+            rows = list(pool.map(_demo_item, jobs))
+        test = {i for i, job in enumerate(jobs) if job[3] >= per_class - max(1, per_class // 5)}
+        for split, keep in (("test", lambda i: i in test), ("train", lambda i: i not in test)):
+            (tmp / f"{split}.csv").write_text("path,id\n" + "".join(r + "\n" for i, r in enumerate(rows) if keep(i)))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _process_pool(workers):
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers or min(os.cpu_count() or 1, 8))
+
+
+# ---- command line: make-demo, check, bench
+def check(args):
+    """Open every clip of the split files; print counts per class and every bad item; exit status 1 if any."""
+    files = dataset_files(args.dataset, args.root, args.fold)
+    media_root = args.media_root or files.media_root
+    bad = 0
+    for split in args.split or [files.train, files.test]:
+        samples = read_split(args.dataset, split, one_based=args.one_based)
+        counts = np.bincount([s.label for s in samples], minlength=len(CLASSES[args.dataset]))
+        print(f"{split}: {len(samples)} samples; " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES[args.dataset], counts)))
+        with ThreadPoolExecutor(args.workers) as pool:
+            for sample, error in zip(samples, pool.map(lambda s: _problem(s, media_root), samples)):
+                if error:
+                    bad += 1
+                    print(f"BAD {sample.path} (label {sample.label}): {error}")
+    print(f"{bad} bad item(s)" if bad else "all items readable")
+    return 1 if bad else 0
+
+
+def _problem(sample, media_root):
+    try:
+        load_clip(sample, media_root)
+    except ClipError as err:
+        return str(err)
+    return None
+
+
+def bench(args):
+    """Clips/s of ClipDataset in train mode (16 frames, 224 px, full augmentation) in this one process:
+    per process (wall clock) and per core (CPU time of all its threads), median and range over repeats."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_demo(Path(tmp) / "bench", num_clips=args.clips, seed=0, size=args.size, mp4_every=2, workers=1)
+        samples = read_split("demo", root / "train.csv") + read_split("demo", root / "test.csv")
+        for kind in ("frame folders", "mp4"):
+            subset = [s for s in samples if s.path.endswith(".mp4") == (kind == "mp4")]
+            ds = ClipDataset(subset, root, "train", num_frames=args.frames, image_size=args.size, augment=True)
+            wall, cpu = [], []
+            for repeat in range(args.repeats):
+                ds.set_epoch(repeat)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(len(ds)):
+                    ds[i]
+                wall.append(len(ds) / (time.perf_counter() - t0))
+                cpu.append(len(ds) / (time.process_time() - c0))
+            print(f"{kind:>13}: {len(ds)} clips x {args.repeats} repeats, {args.frames} frames x {args.size} px: "
+                  f"{np.median(wall):.1f} clips/s per process ({min(wall):.1f}-{max(wall):.1f}), "
+                  f"{np.median(cpu):.1f} clips/s per core ({min(cpu):.1f}-{max(cpu):.1f})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("make-demo", help="write the procedural demo dataset")
+    demo.add_argument("--out", default="data/demo", help="output folder, must not exist or be empty")
+    demo.add_argument("--clips", type=int, default=350, help="number of clips over the 7 classes (a fifth test)")
+    demo.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
+    demo.add_argument("--size", type=int, default=128, help="frame size in pixels")
+    demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    chk = sub.add_parser("check", help="read split files and decode every clip")
+    chk.add_argument("--dataset", required=True, choices=sorted(CLASSES))
+    chk.add_argument("--root", required=True, help="dataset root in its official layout (README)")
+    chk.add_argument("--split", action="append", help="split file (repeatable); default: train and test of --fold")
+    chk.add_argument("--fold", type=int, default=1, help="DFEW / MAFW fold, 1-5")
+    chk.add_argument("--media-root", help="folder the split's paths are relative to, if not the official one")
+    chk.add_argument("--one-based", action="store_true", help="DFEW's own split files with labels 1-7")
+    chk.add_argument("--workers", type=int, default=4, help="decoding threads")
+    ben = sub.add_parser("bench", help="decode + augmentation throughput, frame folders vs mp4")
+    ben.add_argument("--clips", type=int, default=28, help="generated clips (half frame folders, half mp4)")
+    ben.add_argument("--frames", type=int, default=16)
+    ben.add_argument("--size", type=int, default=224)
+    ben.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "make-demo":
+        t0 = time.perf_counter()
+        out = make_demo(args.out, args.clips, args.seed, args.size, workers=args.workers)
+        print(f"wrote {out} ({args.clips} clips) in {time.perf_counter() - t0:.1f} s")
+        return 0
+    return check(args) if args.command == "check" else bench(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
