@@ -1,11 +1,17 @@
 """eval.py: metrics on hand-worked cases, the report, and evaluation on 2 gloo ranks equal to 1 process."""
 
+import argparse
+import csv
+import dataclasses
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import av
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,9 +19,12 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eval import compute_metrics, evaluate, format_report
+import data
+from eval import class_names, compute_metrics, evaluate, format_report, load_model, parse_folds, summarize
+from eval import main as eval_main
+from eval import parse_args as eval_parse_args
 from landmarks import LandmarkFeatures
-from model import build_model
+from model import build_model, to_released
 
 
 def test_metrics_hand_worked():
@@ -87,11 +96,6 @@ class TinyClips(torch.utils.data.Dataset):
         return dict(video=self.videos[i], label=self.samples[index]["label"], index=index, view=view)
 
 
-def tiny_model():
-    torch.manual_seed(3)
-    return build_model("s2d_tiny", num_classes=3, num_frames=2), LandmarkFeatures()
-
-
 class MeanPixelModel(torch.nn.Module):
     """A stand-in with S2D's interface whose logits depend on each view's pixels only: cheap and exact."""
 
@@ -120,6 +124,56 @@ def test_evaluate_averages_views_per_clip():
     assert model.training  # evaluate restores the mode it found
 
 
+def write_png(path, rgb):
+    """(H, W, 3) uint8 -> a PNG file, encoded with PyAV."""
+    ctx = av.CodecContext.create("png", "w")
+    ctx.height, ctx.width = rgb.shape[:2]
+    ctx.pix_fmt = "rgb24"
+    packets = ctx.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")) + ctx.encode(None)
+    Path(path).write_bytes(b"".join(bytes(p) for p in packets))
+
+
+def make_frames_dataset(root, labels=(0, 3, 5), frames=3):
+    """A FERV39K-layout test split of frame folders (the 'demo' reader): root/test.csv + root/Scene/<id>/*.png."""
+    rng = np.random.default_rng(1)
+    rows = ["path,id"]
+    for i, label in enumerate(labels):
+        folder = Path(root, "Scene", f"{i:04d}")
+        folder.mkdir(parents=True)
+        for t in range(frames):
+            write_png(folder / f"{t + 1}.png", rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+        rows.append(f"Scene/{i:04d},{label}")
+    Path(root, "test.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def eval_dataset(root):
+    files = data.dataset_files("demo", root)
+    samples = data.read_split("demo", files.test)
+    return data.ClipDataset(
+        samples,
+        files.media_root,
+        mode="eval",
+        num_frames=2,
+        image_size=112,
+        temporal_views=3,
+        spatial_crops=1,
+        augment=False,
+    )
+
+
+def tiny_model():
+    torch.manual_seed(3)
+    return build_model("s2d_tiny", num_classes=7, num_frames=2), LandmarkFeatures()
+
+
+def test_unreadable_clip_raises_with_its_path(tmp_path):
+    root = make_frames_dataset(tmp_path)
+    shutil.rmtree(tmp_path / "Scene" / "0001")
+    with pytest.raises(data.ClipError, match="Scene/0001"):
+        evaluate(MeanPixelModel(7), torch.nn.Identity(), eval_dataset(root), batch_size=2, device="cpu")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,12 +184,13 @@ def _eval_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model, lm = tiny_model()
-    result = evaluate(model, lm, TinyClips(), batch_size=2, device="cpu")
+    result = evaluate(model, lm, eval_dataset(out_dir), batch_size=2, device="cpu")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 def test_evaluate_two_gloo_ranks_equals_one(tmp_path):
+    make_frames_dataset(tmp_path)
     # 3 clips x 3 views = 9 views: rank 0 takes 5, rank 1 takes 4, and each clip's views are split between ranks
     ctx = mp.start_processes(
         _eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
@@ -148,10 +203,71 @@ def test_evaluate_two_gloo_ranks_equals_one(tmp_path):
             pytest.fail("2-rank gloo evaluation did not finish in 150 s")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     model, lm = tiny_model()
-    single = evaluate(model, lm, TinyClips(), batch_size=3, device="cpu")
+    single = evaluate(model, lm, eval_dataset(tmp_path), batch_size=3, device="cpu")
     assert ranks[0] == ranks[1]  # identical on every rank
     for key in ("uar", "war", "recall", "f1", "macro_f1", "confusion", "support"):
         assert ranks[0][key] == single[key], key  # digit for digit
     assert [p["index"] for p in ranks[0]["predictions"]] == [0, 1, 2]  # each clip exactly once
     got = torch.tensor([p["probs"] for p in ranks[0]["predictions"]])
     torch.testing.assert_close(got, torch.tensor([p["probs"] for p in single["predictions"]]), rtol=1e-5, atol=1e-6)
+
+
+def save_checkpoint(path, model, **extra):
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg), **extra}, path)
+    return str(path)
+
+
+def test_load_model_ours_and_released(tmp_path):
+    model, _ = tiny_model()
+    ours, _ = load_model(save_checkpoint(tmp_path / "ours.pth", model), "cpu")
+    args = argparse.Namespace(data_set="DFEW", batch_size=8)  # the release pickles its arguments beside the weights
+    released = to_released(model.state_dict())
+    dead = model.cfg.depth - 1  # the release stores one more prompt norm than it uses (SPEC.md section 2)
+    released |= {f"prompt_norms.{dead}.weight": torch.ones(192), f"prompt_norms.{dead}.bias": torch.zeros(192)}
+    torch.save({"model": released, "args": args}, tmp_path / "released.pth")
+    released, ckpt = load_model(str(tmp_path / "released.pth"), "cpu")
+    assert released.cfg == model.cfg  # inferred from the weights alone
+    for name, value in model.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value) and torch.equal(released.state_dict()[name], value), name
+    assert class_names(ckpt, None, 7) == list(data.CLASSES["dfew"])
+    assert class_names(ckpt, "ferv39k", 7) == list(data.CLASSES["ferv39k"])
+    assert class_names({}, None, 3) == ["0", "1", "2"]
+
+
+def test_folds_and_summary():
+    assert parse_folds(
+        eval_parse_args(["--checkpoint", "c{fold}", "--dataset", "dfew", "--data-root", "r", "--folds", "1-5"])
+    ) == [1, 2, 3, 4, 5]
+    assert parse_folds(eval_parse_args(["--checkpoint", "c", "--video", "v", "--folds", "2,4"])) == [2, 4]
+    results = [compute_metrics([0, 1], [0, 1], 2), compute_metrics([0, 1], [0, 0], 2)]
+    text = summarize(results, ["a", "b"])
+    assert "uar        75.00 +- 35.36" in [
+        line.strip() for line in text.splitlines()
+    ]  # mean of 100 and 50, sample std over the 2 folds
+
+
+def test_cli_report_csv_and_single_clip(tmp_path, capsys):
+    root = make_frames_dataset(tmp_path / "demo")
+    model, _ = tiny_model()
+    ckpt = save_checkpoint(tmp_path / "ckpt.pth", model)
+    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0"]
+    eval_main(
+        ["--checkpoint", ckpt, "--dataset", "demo", "--data-root", str(root), "--out", str(tmp_path / "p.csv")] + views
+    )
+    report = capsys.readouterr().out
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = data.CLASSES["demo"]
+    assert [r["path"] for r in rows] == ["Scene/0000", "Scene/0001", "Scene/0002"]
+    assert [int(r["label"]) for r in rows] == [0, 3, 5] and {r["fold"] for r in rows} == {"1"}
+    probs = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])  # (clips, classes)
+    assert [int(r["pred"]) for r in rows] == probs.argmax(-1).tolist()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+    m = compute_metrics([0, 3, 5], [int(r["pred"]) for r in rows], 7)
+    assert f"UAR {100 * m['uar']:.2f}  WAR {100 * m['war']:.2f}" in report and "confusion matrix" in report
+
+    eval_main(["--checkpoint", ckpt, "--dataset", "demo", "--video", str(root / "Scene" / "0000")] + views)
+    lines = capsys.readouterr().out.splitlines()
+    clip = {line.split()[0]: float(line.split()[1]) for line in lines[-7:]}
+    assert sorted(clip) == sorted(names)
+    torch.testing.assert_close(torch.tensor([clip[n] for n in names]), probs[0], atol=2e-4, rtol=0)
