@@ -66,7 +66,7 @@ def _rows(path, header):
         for row in reader:
             if len(row) != len(header):
                 raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
-            yield reader.line_num, dict(zip(header, (v.strip() for v in row)))
+            yield reader.line_num, dict(zip(header, (v.strip() for v in row), strict=True))
 
 
 def _words(path):
@@ -142,7 +142,7 @@ def _read_ferplus(path, split=None, **_):
     if len(votes) != len(pixels):
         raise SplitError(f"{path}: {len(votes)} rows, but {pixels_path} has {len(pixels)}")
     samples, excluded = [], 0
-    for (n, v), (m, p) in zip(votes, pixels):
+    for (n, v), (m, p) in zip(votes, pixels, strict=True):
         if v["Usage"] != p["Usage"]:
             raise SplitError(f"{path}:{n}: Usage {v['Usage']} differs from {pixels_path}:{m} ({p['Usage']})")
         if v["Usage"] != usage:
@@ -169,8 +169,8 @@ def _ferplus_majority(votes):
 
 
 READERS = {"dfew": _read_dfew, "ferv39k": _read_ferv39k, "demo": _read_ferv39k, "mafw": _read_mafw,
-           "rafdb": _read_rafdb, "ferplus": _read_ferplus,
-           "affectnet7": lambda path, **o: _read_affectnet(path, 7), "affectnet8": lambda path, **o: _read_affectnet(path, 8)}
+           "rafdb": _read_rafdb, "ferplus": _read_ferplus, "affectnet7": lambda path, **_: _read_affectnet(path, 7),
+           "affectnet8": lambda path, **_: _read_affectnet(path, 8)}
 
 
 def read_split(dataset, path, split=None, **options):
@@ -209,9 +209,8 @@ def dataset_files(dataset, root, fold=1):
     if dataset not in split:
         raise ValueError(f"unknown dataset {dataset!r}, expected one of {', '.join(split)}")
     pattern, media = split[dataset]
-    root = Path(root)
-    return DatasetFiles(str(root / pattern.format("train", "training")), str(root / pattern.format("test", "validation")),
-                        str(root / media))
+    train, test = (str(Path(root, pattern.format(*names))) for names in (("train", "training"), ("test", "validation")))
+    return DatasetFiles(train, test, str(Path(root, media)))
 
 
 # ---- decoding with PyAV
@@ -377,7 +376,8 @@ def randaugment(x, aug, rng):
             x = _COLOUR_OPS[name](x, v).clamp(0, 1)
         else:  # filled with the ImageNet mean colour where the frame moved out
             mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-            grid = F.affine_grid(torch.tensor([_AFFINE_OPS[name](v)], dtype=x.dtype).expand(len(x), 2, 3), x.shape, False)
+            theta = torch.tensor([_AFFINE_OPS[name](v)], dtype=x.dtype).expand(len(x), 2, 3)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x - mean, grid, align_corners=False) + mean
     return x
 
@@ -454,9 +454,9 @@ class ClipDataset(torch.utils.data.Dataset):
         self.samples, self.media_root, self.mode = list(samples), media_root, mode
         still = all(s.pixels is not None or s.path.lower().endswith(IMAGE_EXTS) for s in self.samples)
         self.num_frames, self.temporal_views = (1, 1) if still else (num_frames, temporal_views)
-        self.image_size, self.sampling_rate, self.spatial_crops, self.seed = image_size, sampling_rate, spatial_crops, seed
+        self.image_size, self.sampling_rate, self.spatial_crops = image_size, sampling_rate, spatial_crops
         self.augment = Augment() if augment is True else (augment or None)
-        self.epoch, self._last = 0, (None, None)
+        self.seed, self.epoch, self._last = seed, 0, (None, None)
 
     def __len__(self):
         return len(self.samples) * (self.temporal_views * self.spatial_crops if self.mode == "eval" else 1)
@@ -476,8 +476,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 pick = lambda n: eval_indices(n, self.num_frames, self.sampling_rate, self.temporal_views)[window]  # noqa: E731
                 self._last = ((clip, window), load_clip(self.samples[clip], self.media_root, pick))
             video = eval_view(self._last[1], self.image_size, crop, self.spatial_crops)
-            return dict(video=video, label=self.samples[clip].label, index=clip, view=i % (len(self) // len(self.samples)),
-                        replaced=False)
+            return dict(video=video, label=self.samples[clip].label, index=clip,
+                        view=i % (self.temporal_views * self.spatial_crops), replaced=False)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         for k in range(min(len(self.samples), 16)):
             clip = (i + k) % len(self.samples)
@@ -485,7 +485,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 pick = lambda n: train_indices(n, self.num_frames, self.sampling_rate, rng)  # noqa: E731
                 frames = load_clip(self.samples[clip], self.media_root, pick)
             except ClipError as err:
-                log.warning("training clip %d failed, trying clip %d instead: %s", clip, clip + 1, err)
+                log.warning("training clip %d failed, trying the next one: %s", clip, err)
                 continue
             return dict(video=train_view(frames, self.image_size, self.augment, rng), label=self.samples[clip].label,
                         index=clip, view=0, replaced=k > 0)
@@ -650,7 +650,7 @@ def _render(p, idt, pose, background, size):
     shapes = _shapes(p, idt)
     ends = np.cumsum([len(poly) for poly, _, _ in shapes])
     polys = np.split(_project(np.concatenate([poly for poly, _, _ in shapes]), pose), ends[:-1])
-    for poly, (_, colour, name) in zip(polys, shapes):
+    for poly, (_, colour, name) in zip(polys, shapes, strict=True):
         ys, xs, cov = _coverage(poly, size)
         if name in ("eye", "mouth"):
             masks[name] = np.zeros((size, size), np.float32)
@@ -662,12 +662,18 @@ def _render(p, idt, pose, background, size):
     return img
 
 
+def _intensity(n, rng):
+    """Expression intensity of n frames: 0 at first, a smoothstep onset from frame 0 or 1 over 2-3.5 frames, then
+    the apex (0.85-1.1) held from frame 5 on, so that any 8 consecutive frames show it in at least 5."""
+    t = np.clip((np.arange(n) - rng.integers(0, 2)) / rng.uniform(2, 3.5), 0, 1)
+    return rng.uniform(0.85, 1.1) * t * t * (3 - 2 * t)
+
+
 def demo_clip(label, rng, size=128):
     """Frames uint8 (T, size, size, 3) and landmarks float32 (T, 68, 2) in pixels of one clip of class `label`:
     neutral at first, the apex reached by frame 5 and held to the end (16-32 frames)."""
     idt, n = _identity(rng), int(rng.integers(16, 33))
-    t = np.clip((np.arange(n) - rng.integers(0, 2)) / rng.uniform(2, 4), 0, 1)
-    intensity = rng.uniform(0.85, 1.1) * t * t * (3 - 2 * t)  # smoothstep onset
+    intensity = _intensity(n, rng)
     pose = np.array([size * rng.uniform(0.45, 0.55), size * rng.uniform(0.46, 0.56), rng.uniform(-0.17, 0.17),
                      rng.uniform(-0.3, 0.3), size * rng.uniform(0.3, 0.35)])  # centre x, y, roll, yaw, px per unit
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
@@ -762,9 +768,10 @@ def check(args):
     for split in args.split or [files.train, files.test]:
         samples = read_split(args.dataset, split, one_based=args.one_based)
         counts = np.bincount([s.label for s in samples], minlength=len(CLASSES[args.dataset]))
-        print(f"{split}: {len(samples)} samples; " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES[args.dataset], counts)))
+        names = CLASSES[args.dataset]
+        print(f"{split}: {len(samples)} samples; " + ", ".join(f"{c} {n}" for c, n in zip(names, counts, strict=True)))
         with ThreadPoolExecutor(args.workers) as pool:
-            for sample, error in zip(samples, pool.map(lambda s: _problem(s, media_root), samples)):
+            for sample, error in zip(samples, pool.map(lambda s: _problem(s, media_root), samples), strict=True):
                 if error:
                     bad += 1
                     print(f"BAD {sample.path} (label {sample.label}): {error}")

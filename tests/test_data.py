@@ -1,0 +1,219 @@
+"""data.py readers on fixtures in the official formats, and every bad-input case of issue 3 in its own test."""
+import logging
+
+import av
+import numpy as np
+import pytest
+
+import data
+from data import ClipDataset, ClipError, Sample, SplitError, read_split
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_image(path, image, codec="mjpeg"):
+    """A JPEG (mjpeg) or PNG file of uint8 (H, W, 3) or grey (H, W)."""
+    grey = image.ndim == 2
+    frame = av.VideoFrame.from_ndarray(image, format="gray" if grey else "rgb24")
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height = image.shape[1], image.shape[0]
+    ctx.pix_fmt = ("gray" if grey else "rgb24") if codec == "png" else ("yuvj444p" if not grey else "gray")
+    packets = ctx.encode(frame.reformat(format=ctx.pix_fmt)) + ctx.encode(None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(bytes(p) for p in packets))
+    return path
+
+
+# ---- readers, one per official format
+def test_dfew_authors_files_count_from_zero(tmp_path):
+    split = write(tmp_path / "train_set_1.csv", "video_name,label\n2522,0\n00013,6\n")
+    assert read_split("dfew", split) == [Sample("02522", 0), Sample("00013", 6)]
+
+
+def test_dfew_own_files_count_from_one(tmp_path):
+    split = write(tmp_path / "set_1.csv", "video_name,label\n00001,1\n00002,7\n")
+    assert [s.label for s in read_split("dfew", split, one_based=True)] == [0, 6]
+
+
+def test_ferv39k_reads_paths_and_ids(tmp_path):
+    split = write(tmp_path / "train.csv", "path,id\nCrime/Angry/0063,0\nTalkShow/Surprise/0001.mp4,6\n")
+    assert read_split("ferv39k", split) == [Sample("Crime/Angry/0063", 0), Sample("TalkShow/Surprise/0001.mp4", 6)]
+    assert data.CLASSES["ferv39k"][6] == "Surprise"
+
+
+def test_mafw_txt_maps_class_names(tmp_path):
+    split = write(tmp_path / "train.txt", "03747.mp4 anger\n00012.mp4 helplessness\n\n10045.mp4 surprise\n")
+    assert read_split("mafw", split) == [Sample("03747.mp4", 0), Sample("00012.mp4", 7), Sample("10045.mp4", 10)]
+
+
+def test_mafw_csv_reads_indices(tmp_path):
+    split = write(tmp_path / "train.csv", "video_name,labels\n03747,0\n00012,10\n")
+    assert read_split("mafw", split) == [Sample("03747", 0), Sample("00012", 10)]
+
+
+def test_rafdb_selects_split_and_aligned_images(tmp_path):
+    split = write(tmp_path / "list_patition_label.txt", "train_00001.jpg 5\ntest_0001.jpg 1\ntrain_00002.jpg 7\n")
+    train = read_split("rafdb", f"{split}#train")
+    assert train == [Sample("train_00001_aligned.jpg", 4), Sample("train_00002_aligned.jpg", 6)]
+    assert read_split("rafdb", split, split="test") == [Sample("test_0001_aligned.jpg", 0)]
+    assert data.CLASSES["rafdb"][4] == "Sadness"
+
+
+AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,"
+                    "valence,arousal\n")
+
+
+@pytest.mark.parametrize("dataset, kept", [("affectnet7", [0, 6]), ("affectnet8", [0, 6, 7])])
+def test_affectnet_excludes_and_counts_non_emotions(tmp_path, caplog, dataset, kept):
+    rows = "".join(f'689/img{e}.jpg,10,10,200,200,"1.0;2.0",{e},0.5,-0.2\n' for e in (0, 6, 7, 8, 9, 10))
+    split = write(tmp_path / "training.csv", AFFECTNET_HEADER + rows)
+    with caplog.at_level(logging.INFO, logger="data"):
+        samples = read_split(dataset, split)
+    assert [s.label for s in samples] == kept and samples[0].path == "689/img0.jpg"
+    assert f"{6 - len(kept)} excluded" in caplog.text
+
+
+def ferplus_files(tmp_path):
+    """Four images: clear happiness, single stray votes removed, no majority, and 'not a face'."""
+    grey = " ".join(str(v % 256) for v in range(48 * 48))
+    write(tmp_path / "fer2013.csv", "emotion,pixels,Usage\n" + "".join(
+        f"{e},{grey},{u}\n" for e, u in ((3, "Training"), (0, "Training"), (2, "Training"), (4, "PrivateTest"))))
+    votes = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+    votes += "Training,fer0000000.png,0,10,0,0,0,0,0,0,0,0\n"
+    votes += "Training,fer0000001.png,1,1,1,3,0,0,0,0,0,0\n"  # single votes dropped: sadness 3 of 3
+    votes += "Training,fer0000002.png,4,0,4,0,0,0,0,0,2,0\n"  # no class over half
+    votes += "PrivateTest,,0,0,0,0,0,0,0,0,0,10\n"
+    return write(tmp_path / "fer2013new.csv", votes)
+
+
+def test_ferplus_majority_vote_and_pixels(tmp_path):
+    train = read_split("ferplus", f"{ferplus_files(tmp_path)}#train")
+    assert [(s.path, s.label) for s in train] == [("fer0000000.png", 1), ("fer0000001.png", 3)]
+    frames = data.load_clip(train[0], tmp_path)
+    assert frames.shape == (1, 48, 48, 3) and frames[0, 0, 5].tolist() == [5, 5, 5] and frames[0, 47, 47, 0] == 255
+
+
+def test_ferplus_test_split_excludes_not_a_face(tmp_path):
+    with pytest.raises(SplitError, match="no samples"):
+        read_split("ferplus", f"{ferplus_files(tmp_path)}#test")
+
+
+def test_dataset_files_official_layouts(tmp_path):
+    dfew = data.dataset_files("dfew", tmp_path, fold=3)
+    assert dfew.train == str(tmp_path / "EmoLabel_DataSplit/train(single-labeled)/train_set_3.csv")
+    assert dfew.test == str(tmp_path / "EmoLabel_DataSplit/test(single-labeled)/test_set_3.csv")
+    assert data.dataset_files("affectnet8", tmp_path).test.endswith("Manually_Annotated_file_lists/validation.csv")
+    assert data.dataset_files("rafdb", tmp_path).train.endswith("list_patition_label.txt#train")
+    demo = data.dataset_files("demo", tmp_path)
+    assert (demo.train, demo.media_root) == (str(tmp_path / "train.csv"), str(tmp_path))
+
+
+# ---- bad input: split files fail at load with file and line
+def test_wrong_header_names_file_and_line(tmp_path):
+    split = write(tmp_path / "train.csv", "video,label\n00001,1\n")
+    with pytest.raises(SplitError, match=r"train\.csv:1: expected header 'path,id'"):
+        read_split("ferv39k", split)
+
+
+def test_unknown_class_name_names_file_and_line(tmp_path):
+    split = write(tmp_path / "train.txt", "03747.mp4 anger\n03748.mp4 joy\n")
+    with pytest.raises(SplitError, match=r"train\.txt:2: unknown class 'joy'"):
+        read_split("mafw", split)
+
+
+def test_label_out_of_range_names_file_and_line(tmp_path):
+    split = write(tmp_path / "test.csv", "path,id\nCrime/Angry/0063,0\nCrime/Angry/0064,7\n")
+    with pytest.raises(SplitError, match=r"test\.csv:3: label 7 outside 0\.\.6"):
+        read_split("ferv39k", split)
+
+
+def test_dfew_one_based_file_read_as_zero_based_hints_the_option(tmp_path):
+    split = write(tmp_path / "set_1.csv", "video_name,label\n00001,7\n")
+    with pytest.raises(SplitError, match="set_1.csv:2: .*one_based=True"):
+        read_split("dfew", split)
+
+
+def test_non_integer_label_names_file_and_line(tmp_path):
+    split = write(tmp_path / "train.csv", "path,id\nCrime/Angry/0063,angry\n")
+    with pytest.raises(SplitError, match=r"train\.csv:2: label 'angry' is not an integer"):
+        read_split("ferv39k", split)
+
+
+def test_missing_split_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        read_split("ferv39k", tmp_path / "nowhere.csv")
+
+
+# ---- bad input: media
+def test_missing_frame_folder_is_reported_with_its_path(tmp_path):
+    with pytest.raises(ClipError, match=f"{tmp_path}/Crime/Angry/0063: no such frame folder"):
+        data.load_clip(Sample("Crime/Angry/0063", 0), tmp_path)
+
+
+def test_missing_video_file_is_reported_with_its_path(tmp_path):
+    with pytest.raises(ClipError, match=f"{tmp_path}/03747.mp4: no such"):
+        data.load_clip(Sample("03747.mp4", 0), tmp_path)
+
+
+def test_empty_frame_folder_is_reported(tmp_path):
+    (tmp_path / "clip" / "notes").mkdir(parents=True)
+    with pytest.raises(ClipError, match="clip.*no frames"):
+        data.load_clip(Sample("clip", 0), tmp_path)
+
+
+def test_corrupt_jpeg_frame_is_reported(tmp_path):
+    write_image(tmp_path / "clip" / "1.jpg", np.zeros((8, 8, 3), np.uint8))
+    good = (tmp_path / "clip" / "1.jpg").read_bytes()
+    (tmp_path / "clip" / "2.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ClipError, match=r"clip/2\.jpg: truncated"):
+        data.load_clip(Sample("clip", 0), tmp_path)
+
+
+def test_corrupt_video_is_reported(tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(ClipError, match="broken.mp4: InvalidDataError"):
+        data.load_clip(Sample("broken.mp4", 0), tmp_path)
+
+
+def two_clips_one_missing(tmp_path):
+    for k in range(3):
+        write_image(tmp_path / "good" / f"{k}.jpg", np.full((40, 40, 3), 50 * k, np.uint8))
+    return [Sample("missing", 0), Sample("good", 1)]
+
+
+def test_training_replaces_a_failed_clip_and_logs_it(tmp_path, caplog):
+    ds = ClipDataset(two_clips_one_missing(tmp_path), tmp_path, "train", num_frames=4, image_size=32)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        item = ds[0]
+    assert item["replaced"] and item["index"] == 1 and item["label"] == 1 and item["video"].shape == (3, 4, 32, 32)
+    assert f"{tmp_path}/missing" in caplog.text
+    assert not ds[1]["replaced"]
+
+
+def test_evaluation_never_substitutes(tmp_path):
+    ds = ClipDataset(two_clips_one_missing(tmp_path), tmp_path, "eval", num_frames=4, image_size=32)
+    assert ds[4]["index"] == 1
+    with pytest.raises(ClipError, match=f"{tmp_path}/missing"):
+        ds[0]
+
+
+def test_check_lists_bad_items_and_exits_non_zero(tmp_path, capsys):
+    two_clips_one_missing(tmp_path)
+    write(tmp_path / "train.csv", "path,id\nmissing,0\ngood,1\n")
+    write(tmp_path / "test.csv", "path,id\ngood,1\n")
+    assert data.main(["check", "--dataset", "demo", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD missing (label 0): {tmp_path}/missing: no such frame folder" in out
+    assert "Angry 1, Disgust 1" in out and "1 bad item(s)" in out
+
+
+def test_check_passes_a_good_split(tmp_path, capsys):
+    two_clips_one_missing(tmp_path)
+    split = write(tmp_path / "test.csv", "path,id\ngood,1\n")
+    assert data.main(["check", "--dataset", "ferv39k", "--root", str(tmp_path), "--media-root", str(tmp_path),
+                      "--split", str(split)]) == 0
+    assert "all items readable" in capsys.readouterr().out

@@ -1,0 +1,216 @@
+"""data.py decoding, sampling protocols, augmentation, oversampling and the demo dataset round trip."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_data import write_image
+
+import data
+from data import Augment, ClassBalancedSampler, ClipDataset, Sample
+
+NO_AUG = Augment(resized_crop=False, flip=False, randaugment=False, erase_p=0.0)
+
+
+# ---- decoding
+def test_frame_folder_is_read_in_natural_order(tmp_path):
+    for k in range(1, 13):  # 1.jpg .. 12.jpg: plain string order would put 10, 11, 12 before 2
+        write_image(tmp_path / "clip" / f"frame{k}.jpg", np.full((16, 16, 3), 20 * k, np.uint8))
+    frames = data.load_clip(Sample("clip", 0), tmp_path)
+    assert np.abs(frames[:, 8, 8, 0].astype(int) - 20 * np.arange(1, 13)).max() <= 2
+
+
+def test_png_and_grey_images_give_three_channels(tmp_path):
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    png = data.decode_image(write_image(tmp_path / "a.png", grey, "png"))
+    assert png.shape == (8, 8, 3) and (png == grey[..., None]).all()
+    # a single-component (greyscale) baseline JPEG: FFmpeg's encoder cannot write one; this 2 x 2 mid-grey file
+    # comes from IPython's test data (BSD licence)
+    jpg = data.decode_image(Path(__file__).parent / "fixtures" / "data" / "grey_2x2.jpg")
+    assert jpg.tolist() == [[[128] * 3] * 2] * 2
+
+
+def test_still_image_dataset_yields_one_frame(tmp_path):
+    write_image(tmp_path / "train_00001_aligned.jpg", np.full((20, 30, 3), 128, np.uint8))
+    ds = ClipDataset([Sample("train_00001_aligned.jpg", 2)], tmp_path, "eval", num_frames=16, image_size=16)
+    assert len(ds) == 2 and ds[1]["video"].shape == (3, 1, 16, 16) and ds.view_of(1) == (0, 0, 1)
+
+
+def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (30, 32, 32, 3), dtype=np.uint8)
+    data._write_video(tmp_path / "v.mp4", frames)
+    full = data.load_clip(Sample("v.mp4", 0), tmp_path)
+    assert full.shape == (30, 32, 32, 3)
+    for picks in ([0, 1, 2], [17, 18, 19, 19], [29], [9, 11, 13]):  # key frames every 8: seeks for all but the first
+        assert np.array_equal(data.load_clip(Sample("v.mp4", 0), tmp_path, lambda n, p=picks: p), full[picks])
+
+
+def test_video_path_falls_back_to_frame_folder(tmp_path):
+    write_image(tmp_path / "03747" / "1.jpg", np.zeros((8, 8, 3), np.uint8))
+    assert data.resolve(tmp_path, "03747.mp4") == tmp_path / "03747"
+
+
+# ---- sampling protocols, hand-worked examples and invariants
+def test_train_indices_hand_examples():
+    rng = np.random.default_rng(0)
+    offsets = {int(data.train_indices(20, 16, 1, rng)[0]) for _ in range(200)}
+    assert offsets == {0, 1, 2, 3, 4}  # 20 frames, window of 16: offsets 0..4
+    assert data.train_indices(10, 16, 1, rng).tolist() == list(range(10)) + [9] * 6  # short clip: repeat the last
+    assert data.train_indices(31, 4, 10, rng).tolist() == [0, 10, 20, 30]  # rate 10: span exactly 31
+
+
+def test_eval_indices_hand_examples():
+    first, last = data.eval_indices(20, 16, 1, 2)
+    assert first.tolist() == list(range(16)) and last.tolist() == list(range(4, 20))
+    assert [w[0] for w in data.eval_indices(26, 16, 1, 3)] == [0, 5, 10]
+    assert [w[0] for w in data.eval_indices(26, 16, 1, 1)] == [5]  # one view: centred
+    assert data.eval_indices(10, 16, 1, 2)[1].tolist() == list(range(10)) + [9] * 6
+    assert [data.crop_offset(10, 6, c, 2) for c in (0, 1)] == [0, 4] and data.crop_offset(10, 6, 0, 1) == 2
+
+
+@settings(deadline=None, max_examples=60)
+@given(length=st.integers(1, 80), frames=st.integers(1, 16), rate=st.integers(1, 4), views=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_sampling_invariants(length, frames, rate, views, seed):
+    span = (frames - 1) * rate + 1
+    windows = data.eval_indices(length, frames, rate, views) + [
+        data.train_indices(length, frames, rate, np.random.default_rng(seed))]
+    for w in windows:
+        assert len(w) == frames and w.min() >= 0 and w.max() <= length - 1
+        assert np.array_equal(w, np.minimum(w[0] + np.arange(frames) * rate, length - 1))  # rate apart, last repeated
+    if length >= span and views >= 2:  # the views reach both ends of the clip
+        assert windows[0][0] == 0 and windows[views - 1][-1] == length - 1
+
+
+def test_eval_views_enumerate_every_window_and_crop_once(tmp_path):
+    ds = ClipDataset([Sample(f"c{k}", k) for k in range(3)], tmp_path, "eval", temporal_views=3, spatial_crops=2)
+    views = [ds.view_of(i) for i in range(len(ds))]
+    assert len(ds) == 18 and sorted(views) == [(c, t, s) for c in range(3) for t in range(3) for s in range(2)]
+
+
+# ---- augmentation
+def test_augmentation_is_identical_for_every_frame():
+    image = np.random.default_rng(1).integers(0, 255, (1, 48, 64, 3), dtype=np.uint8)
+    aug = Augment(erase_p=1.0, ra_ops=6)
+    for seed in range(8):
+        x = data.train_view(np.repeat(image, 5, axis=0), 32, aug, np.random.default_rng(seed))
+        assert x.shape == (3, 5, 32, 32) and (x == x[:, :1]).all()
+
+
+def test_augmentation_off_is_a_centre_crop_and_normalisation():
+    frames = np.random.default_rng(2).integers(0, 255, (3, 40, 60, 3), dtype=np.uint8)
+    plain = data.train_view(frames, 24, NO_AUG, np.random.default_rng(0))
+    assert torch.equal(plain, data.eval_view(frames, 24, 0, 1))
+    grey = data.eval_view(np.full((1, 10, 10, 3), 255, np.uint8), 8, 0, 1)
+    assert torch.allclose(grey[:, 0, 0, 0], (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD))
+
+
+def test_each_augmentation_switch_changes_the_clip():
+    frames = np.random.default_rng(3).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    plain = data.train_view(frames, 32, NO_AUG, np.random.default_rng(0))
+    flipped = data.train_view(frames, 32, Augment(resized_crop=False, randaugment=False, erase_p=0), _FlipRng())
+    assert torch.equal(flipped, plain.flip(3))
+    for option in (dict(resized_crop=True), dict(randaugment=True, ra_magnitude=9), dict(erase_p=1.0)):
+        changed = [not torch.equal(plain, data.train_view(frames, 32, Augment(**{**vars(NO_AUG), **option}),
+                                                          np.random.default_rng(s))) for s in range(6)]
+        assert any(changed), option
+
+
+class _FlipRng:
+    """Stands in for the numpy generator: draws 0.0, so a p = 0.5 flip always happens."""
+
+    def random(self):
+        return 0.0
+
+
+def test_dataset_draws_are_reproducible_from_seed_epoch_index(tmp_path):
+    for k in range(4):
+        write_image(tmp_path / "clip" / f"{k}.jpg", np.random.default_rng(k).integers(0, 255, (40, 40, 3), np.uint8))
+    ds = ClipDataset([Sample("clip", 0)], tmp_path, "train", num_frames=4, image_size=32, seed=5)
+    first = ds[0]["video"]
+    assert torch.equal(first, ds[0]["video"])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[0]["video"])
+
+
+# ---- class-balanced oversampling
+def test_oversampling_balances_classes():
+    labels = [0] * 80 + [1] * 15 + [2] * 5
+    draws = list(ClassBalancedSampler(labels, num_samples=30000, seed=1))
+    freq = np.bincount(np.array(labels)[draws], minlength=3) / len(draws)
+    assert np.abs(freq - 1 / 3).max() < 0.02
+
+
+def test_oversampling_ranks_split_one_draw_disjointly():
+    labels = [0] * 30 + [1] * 7 + [2] * 3
+    single = ClassBalancedSampler(labels, seed=4, num_samples=42)
+    ranks = [ClassBalancedSampler(labels, num_replicas=3, rank=r, seed=4, num_samples=42) for r in range(3)]
+    for epoch in (0, 1):
+        for s in [single, *ranks]:
+            s.set_epoch(epoch)
+        shares = [list(r) for r in ranks]
+        assert [len(s) for s in shares] == [len(r) for r in ranks] == [14, 14, 14]
+        interleaved = [shares[k % 3][k // 3] for k in range(42)]  # positions r, r + 3, ... belong to rank r only
+        assert interleaved == list(single)
+    assert list(ranks[0]) != (ranks[0].set_epoch(0) or list(ranks[0]))
+
+
+# ---- demo dataset
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return data.make_demo(tmp_path_factory.mktemp("d") / "demo", num_clips=14, seed=3, workers=1)
+
+
+def test_demo_round_trips_frames_landmarks_and_labels(demo):
+    train, test = data.read_split("demo", demo / "train.csv"), data.read_split("demo", demo / "test.csv")
+    assert sorted(s.label for s in train) == sorted(s.label for s in test) == list(range(7))
+    assert {s.path.endswith(".mp4") for s in train} == {False} and {s.path.endswith(".mp4") for s in test} == {True}
+    for sample in (train[3], test[3]):  # a frame folder and an mp4 of class Happy
+        name, clip = sample.path.split("/")[1:]
+        frames, points = data.demo_clip(sample.label, np.random.default_rng([3, sample.label, int(clip[:4])]))
+        decoded = data.load_clip(sample, demo)
+        assert name == "Happy" and decoded.shape == frames.shape == (len(points), 128, 128, 3)
+        assert np.abs(decoded.astype(int) - frames).mean() < 4
+        assert np.array_equal(np.load(demo / "landmarks" / name / f"{clip[:4]}.npy"), points)
+
+
+def test_demo_feeds_the_model_shapes(demo):
+    files = data.dataset_files("demo", demo)
+    ds = ClipDataset(data.read_split("demo", files.test), files.media_root, "eval", num_frames=16, image_size=112)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    assert batch["video"].shape == (4, 3, 16, 112, 112) and batch["video"].dtype == torch.float32
+    assert batch["index"].tolist() == [0, 0, 0, 0] and batch["view"].tolist() == [0, 1, 2, 3]
+
+
+def test_demo_clip_is_deterministic_with_landmarks_in_frame():
+    a, pa = data.demo_clip(5, np.random.default_rng(7))
+    b, pb = data.demo_clip(5, np.random.default_rng(7))
+    assert np.array_equal(a, b) and np.array_equal(pa, pb) and 16 <= len(a) <= 32
+    assert pa.shape == (len(a), 68, 2) and pa.min() > 0 and pa.max() < 128
+
+
+@settings(deadline=None, max_examples=50)
+@given(seed=st.integers(0, 10**6), length=st.integers(16, 32))
+def test_demo_expression_shows_in_most_frames_of_any_window(seed, length):
+    intensity = data._intensity(length, np.random.default_rng(seed))
+    assert intensity[0] == 0 and (intensity[5:] >= 0.85).all()
+    shown = intensity >= 0.5
+    assert all(shown[k:k + 8].sum() >= 5 for k in range(length - 7))
+
+
+def test_make_demo_leaves_nothing_complete_looking_after_a_crash(tmp_path, monkeypatch):
+    def crash(job):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(data, "_demo_item", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        data.make_demo(tmp_path / "demo", num_clips=14, workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_demo_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not empty"):
+        data.make_demo(tmp_path / "demo", num_clips=14, workers=1)
