@@ -78,7 +78,7 @@ def format_report(metrics, class_names):
     ]
     for name, n, r, f in zip(class_names, metrics["support"], metrics["recall"], metrics["f1"], strict=True):
         lines.append(f"{name:<{w}} {n:>6} {_pct(r):>7} {_pct(f):>7}")
-    cw = max(6, *(len(str(v)) for row in metrics["confusion"] for v in row))
+    cw = max(min(8, max(len(n) for n in class_names)), *(len(str(v)) for row in metrics["confusion"] for v in row))
     short = [n[:cw] for n in class_names]
     lines += [
         "",

@@ -38,7 +38,7 @@ def _gather_from_ranks(*tensors):
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
-        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]))
     return gathered
 
 
@@ -135,7 +135,7 @@ class EmotionAnchors(nn.Module):
 
 
 def _weighted_mean(top, real, picked):
-    """Eq. (18): y~ = sum s p / sum s over the picked entries.
+    """y~ = sum s p / sum s over the picked entries: top, real (B, C, k), picked (B, C, k, C) -> (B, C).
 
     Cosine similarities can be negative, and then the paper's ratio can leave [0, 1] or divide by ~0.
     Rule: weights are the similarities clamped at 0, so y~ is a convex combination of stored
@@ -146,8 +146,8 @@ def _weighted_mean(top, real, picked):
     w = torch.where(real, top.clamp(min=0), torch.zeros_like(top))  # (B, C, k)
     fallback = w.sum(dim=(1, 2), keepdim=True) <= _EPS  # (B, 1, 1)
     w = torch.where(fallback, real.to(w.dtype), w)
-    soft = torch.einsum("bck,bckx->bx", w, picked)  # (B, C)
-    return soft / w.sum(dim=(1, 2))[:, None]
+    soft = torch.einsum("bck,bckx->bx", w, picked)  # Eq. (18) numerator, (B, C)
+    return soft / w.sum(dim=(1, 2))[:, None]  # Eq. (18)
 
 
 def sdl_loss(logits, labels, soft, lam):
