@@ -326,7 +326,7 @@ def crop_offset(extent, side, crop, crops):
 @dataclass
 class Augment:
     resized_crop: bool = True  # random resized crop, else short-side resize and centre crop
-    scale: tuple = (0.25, 1.0)  # area fraction of the crop
+    scale: tuple = (0.5, 1.0)  # area fraction of the crop (our choice: an aligned face keeps most of itself)
     ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio of the crop
     flip: bool = True  # horizontal flip, p = 0.5
     randaugment: bool = True  # RandAugment (subset below), timm style: each op with p = 0.5
@@ -576,7 +576,7 @@ def _xy(x, y):  # (n,), (n,) -> (n, 2)
     return np.stack(np.broadcast_arrays(x, y), axis=1)
 
 
-_CLIP_TO = {"iris": "eye", "pupil": "eye", "teeth": "mouth"}
+_CLIP_TO = {"iris": "eye", "pupil": "eye", "teeth": "mouth"}  # drawn only inside
 
 
 def _ellipse(cx, cy, rx, ry, n=24):
@@ -593,35 +593,33 @@ def _ribbon(points, width):
 
 
 def _shapes(p, idt):
-    """(polygon in face units, colour, name) back to front; 'iris'/'pupil' are clipped to the eye,
+    """(polygons in face units, colour, name) back to front; 'iris'/'pupil' are clipped to the eyes,
     'teeth' to the open mouth."""
-    skin, w = idt["skin"], idt["w"]
+    skin, w, eyes = idt["skin"], idt["w"], (p[36:42], p[42:48])
     arc = np.linspace(0, np.pi, 13)[1:-1]
     face = np.r_[p[0:17], _xy(w * np.cos(arc), -0.1 - idt["forehead"] * np.sin(arc))]
-    shapes = [(np.array([[-0.42 * w, 0.4], [0.42 * w, 0.4], [0.5 * w, 2.5], [-0.5 * w, 2.5]]), skin * 0.85, "neck"),
-              (_ellipse(0, -0.35, 1.1 * w, idt["hair_h"] + 0.2), idt["hair"], "hair"), (face, skin, "face")]
-    for eye in (p[36:42], p[42:48]):
-        c, r = eye.mean(0), 0.07 * idt["eye"]
-        shapes += [(eye, np.array([245.0, 245, 240]), "eye"), (_ellipse(*c, r, r), idt["iris"], "iris"),
-                   (_ellipse(*c, 0.45 * r, 0.45 * r), np.zeros(3) + 15, "pupil"),
-                   (_ribbon(eye[:4], 0.025), idt["hair"] * 0.5, "lid")]
-    inner = p[60:68]
-    shapes += [(_ribbon(p[17:22], idt["brow_t"]), idt["hair"] * 0.8, "brow"),
-               (_ribbon(p[22:27], idt["brow_t"]), idt["hair"] * 0.8, "brow"),
-               (_ribbon(p[27:31], 0.035), skin * 0.8, "nose"), (_ribbon(p[31:36], 0.045), skin * 0.55, "nose"),
-               (p[48:60], idt["lips"], "lips"), (inner, np.array([60.0, 20, 25]), "mouth"),
-               (np.r_[p[60:65], (p[64:59:-1] + [0, 0.3 * np.ptp(inner[:, 1])])], np.array([235.0, 230, 220]), "teeth"),
-               (_ribbon(p[60:65], 0.02), idt["lips"] * 0.5, "lipline")]
-    return shapes
+    neck = np.array([[-0.42 * w, 0.4], [0.42 * w, 0.4], [0.5 * w, 2.5], [-0.5 * w, 2.5]])
+    r = 0.07 * idt["eye"]
+    teeth = np.r_[p[60:65], p[64:59:-1] + [0, 0.3 * np.ptp(p[60:68, 1])]]
+    return [([neck], skin * 0.85, "neck"), ([_ellipse(0, -0.35, 1.1 * w, idt["hair_h"] + 0.2)], idt["hair"], "hair"),
+            ([face], skin, "face"), (eyes, np.array([245.0, 245, 240]), "eye"),
+            ([_ellipse(*e.mean(0), r, r) for e in eyes], idt["iris"], "iris"),
+            ([_ellipse(*e.mean(0), 0.45 * r, 0.45 * r) for e in eyes], np.zeros(3) + 15, "pupil"),
+            ([_ribbon(e[:4], 0.025) for e in eyes], idt["hair"] * 0.5, "lids"),
+            ([_ribbon(p[17:22], idt["brow_t"]), _ribbon(p[22:27], idt["brow_t"])], idt["hair"] * 0.8, "brows"),
+            ([_ribbon(p[27:31], 0.035)], skin * 0.8, "nose"), ([_ribbon(p[31:36], 0.045)], skin * 0.55, "nostrils"),
+            ([p[48:60]], idt["lips"], "lips"), ([p[60:68]], np.array([60.0, 20, 25]), "mouth"),
+            ([teeth], np.array([235.0, 230, 220]), "teeth"), ([_ribbon(p[60:65], 0.02)], idt["lips"] * 0.5, "lipline")]
 
 
-def _coverage(poly, size, sub=4):
-    """Anti-aliased coverage of a closed polygon (even-odd rule), exact along each of `sub` sub-rows per pixel
-    row: (row slice, column slice, coverage) of its bounding box in a size x size frame."""
-    (x0, y0) = np.floor(poly.min(0)).astype(int).clip(0, size)
-    (x1, y1) = (np.ceil(poly.max(0)).astype(int) + 1).clip(0, size)
+def _coverage(polys, size, sub=3):
+    """Anti-aliased coverage of closed polygons (even-odd rule), exact along each of `sub` sub-rows per pixel
+    row: (row slice, column slice, coverage) of their bounding box in a size x size frame."""
+    a, b = np.concatenate(polys), np.concatenate([np.roll(q, -1, axis=0) for q in polys])  # edges a -> b
+    (x0, y0), (x1, y1) = a.min(0).tolist(), a.max(0).tolist()
+    x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(max(int(x1) + 2, 0), size), min(max(int(y1) + 2, 0), size)
     ys = y0 + (np.arange((y1 - y0) * sub) + 0.5) / sub  # (R,) sub-row centres
-    (xa, ya), (xb, yb) = poly.T, np.concatenate([poly[1:], poly[:1]]).T  # edges a -> b
+    (xa, ya), (xb, yb) = a.T, b.T
     crosses = (ya <= ys[:, None]) != (yb <= ys[:, None])  # (R, E)
     t = (ys[:, None] - ya) / np.where(yb == ya, 1, yb - ya)
     xs = np.sort(np.where(crosses, xa + t * (xb - xa), np.inf), axis=1)  # (R, E) crossings left to right
@@ -631,7 +629,7 @@ def _coverage(poly, size, sub=4):
     cols = np.arange(x0, x1)
     span = np.minimum(cols + 1, np.where(valid, right, 0)) - np.maximum(cols, np.where(valid, left, 0))
     span = np.minimum(np.maximum(span, 0), 1)
-    cov = span.sum(1).reshape(y1 - y0, sub, x1 - x0).mean(1, dtype=np.float32)  # (R, P, C) -> (rows, C)
+    cov = span.sum(1).reshape(y1 - y0, sub, x1 - x0).sum(1, dtype=np.float32) / sub  # (R, P, C) -> (rows, C)
     return slice(y0, y1), slice(x0, x1), cov
 
 
@@ -648,10 +646,11 @@ def _render(p, idt, pose, background, size):
     """One frame: the face of landmarks p over the background, before lighting and noise."""
     img, masks = background.copy(), {}
     shapes = _shapes(p, idt)
-    ends = np.cumsum([len(poly) for poly, _, _ in shapes])
-    polys = np.split(_project(np.concatenate([poly for poly, _, _ in shapes]), pose), ends[:-1])
-    for poly, (_, colour, name) in zip(polys, shapes, strict=True):
-        ys, xs, cov = _coverage(poly, size)
+    flat = [poly for polys, _, _ in shapes for poly in polys]
+    flat = np.split(_project(np.concatenate(flat), pose), np.cumsum([len(poly) for poly in flat])[:-1])
+    for (polys, colour, name) in shapes:
+        polys, flat = flat[:len(polys)], flat[len(polys):]
+        ys, xs, cov = _coverage(polys, size)
         if name in ("eye", "mouth"):
             masks[name] = np.zeros((size, size), np.float32)
             masks[name][ys, xs] = cov
@@ -677,15 +676,16 @@ def demo_clip(label, rng, size=128):
     pose = np.array([size * rng.uniform(0.45, 0.55), size * rng.uniform(0.46, 0.56), rng.uniform(-0.17, 0.17),
                      rng.uniform(-0.3, 0.3), size * rng.uniform(0.3, 0.35)])  # centre x, y, roll, yaw, px per unit
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    light = rng.uniform(-0.35, 0.35, 2)
-    bg_dir = rng.uniform(-40, 40, 2)
+    light, bg_dir = rng.uniform(-0.35, 0.35, 2), rng.uniform(-40, 40, 2)
+    light = (1 + xx * light[0] + yy * light[1]).astype(np.float32)[..., None]  # (S, S, 1) lighting gradient
     background = np.clip(rng.uniform(20, 235, 3) + (xx * bg_dir[0] + yy * bg_dir[1])[..., None], 0, 255)
+    background = background.astype(np.float32)
     frames, points, jitter = [], [], np.zeros(5)
     for k in range(n):
         jitter = 0.8 * jitter + rng.normal(0, [0.004 * size, 0.004 * size, 0.01, 0.01, 0.004 * pose[4]])
         p = _landmarks(_APEX[label] * intensity[k], idt)
-        img = _render(p, idt, pose + jitter, background.astype(np.float32), size)
-        img *= rng.uniform(0.97, 1.03) * (1 + xx * light[0] + yy * light[1])[..., None]
+        img = _render(p, idt, pose + jitter, background, size)
+        img *= light * rng.uniform(0.97, 1.03)
         img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 5)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
         points.append(_project(p, pose + jitter))
@@ -697,9 +697,9 @@ def _write_frames(folder, frames):
     folder.mkdir(parents=True)
     for k, frame in enumerate(frames, 1):
         codec = av.CodecContext.create("mjpeg", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.shape[1], frame.shape[0], "yuvj444p"
-        codec.options = {"qmin": "1", "qmax": "2"}
-        packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj444p"))
+        codec.width, codec.height, codec.pix_fmt = frame.shape[1], frame.shape[0], "yuvj420p"
+        codec.options = {"qmin": "1", "qmax": "3"}
+        packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p"))
         (folder / f"{k}.jpg").write_bytes(b"".join(bytes(p) for p in packets + codec.encode(None)))
 
 
@@ -708,7 +708,7 @@ def _write_video(path, frames, fps=25):
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "12", "preset": "veryfast", "g": "8"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1  # same bytes on every run
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -750,7 +750,8 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not (out / "train.csv").exists():  # else another process finished the same dataset first
+            raise
     return out
 
 
