@@ -316,7 +316,15 @@ def to_released(state_dict):
         out[name] = v[:, :, None, None] if conv else v
         if name == "temporal_embedding":
             out[name] = v.reshape(1, v.shape[1], v.shape[-1])  # ours (1, T, 1, C), released (1, T, C)
+    dead = len(_block_ids(state_dict)) - 1  # the release's never-used last prompt norm, as an untouched LayerNorm
+    if "prompt_norms.0.weight" in state_dict:
+        out[f"prompt_norms.{dead}.weight"] = torch.ones_like(state_dict["prompt_norms.0.weight"])
+        out[f"prompt_norms.{dead}.bias"] = torch.zeros_like(state_dict["prompt_norms.0.bias"])
     return out
+
+
+def _block_ids(state_dict):
+    return {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
 
 
 def from_released(state_dict):
@@ -357,7 +365,7 @@ def to_ours(sd):
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     naming, ignored = _naming(sd), {}
     if naming == "released S2D":
-        dead = max((int(k.split(".")[1]) for k in sd if k.startswith("prompt_norms.")), default=None)
+        dead = len(_block_ids(sd)) - 1  # norm_{depth-1} is never used by the released forward
         for k in [k for k in sd if k.startswith((f"prompt_norms.{dead}.", "landmark."))]:
             ignored[k] = "the release's never-used last prompt norm, or its landmark detector"
             del sd[k]
@@ -424,7 +432,7 @@ def config_from_state_dict(sd) -> S2DConfig:
     """Infer the architecture from a state dict in any supported naming (used by eval.py for released files)."""
     sd, _, _ = to_ours(_unwrap(sd, "<state dict>"))
     C, _, p, _ = sd["patch_embed.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    depth = len(_block_ids(sd))
     cfg = dict(width=C, patch_size=p, depth=depth, img_size=p * math.isqrt(sd["pos_embed"].shape[1] - 1),
                heads=max(1, C // 64), video="temporal_embed" in sd or any(k.startswith("tma.") for k in sd))
     cfg["num_frames"] = sd["temporal_embed"].shape[1] if "temporal_embed" in sd else 1
