@@ -2,7 +2,8 @@
 
 The fused kernel reads q, k, v straight from the qkv projection's (B, T, N, 3, H, D) layout by strides and
 writes (B, T, N, H*D): no (b t) n -> (b n) t transposes, and the T x T attention lives only in registers.
-One program handles one (clip, position, head); T <= 64 and D <= 128 are padded to powers of two and masked.
+One program handles BLOCK_B (clip, position, head) problems as a batch of 3-D tiles (batched tl.dot); T <= 64
+and D <= 128 are padded to powers of two and masked.
 The backward recomputes the attention from q and k (nothing T x T is stored) and writes dqkv in the layout of qkv.
 Bytes at the S2D shape (B=8, T=16, N=196, H=8, D=24, bf16): qkv 28.9 MB, output 9.6 MB.
     reference forward: SDPA reads qkv (28.9) and writes (B, N, H, T, D) (9.6), the permute + reshape copies it
@@ -38,67 +39,67 @@ def temporal_attention_ref(qkv: torch.Tensor, scale: float) -> torch.Tensor:
 # ---------------------------------------------------------------- Triton kernels
 @triton.jit
 def _temporal_attention_fwd_kernel(
-    qkv_ptr, out_ptr, scale, N, H, T, D,
+    qkv_ptr, out_ptr, scale, total, N, H, T, D,  # total = B * N * H attention problems
     s_b, s_t, s_n, s_3, s_h, s_d,  # qkv strides, (B, T, N, 3, H, D)
     o_b, o_t, o_n, o_c,  # out strides, (B, T, N, H*D)
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # ((b * N) + n) * H + h: neighbouring programs read neighbouring heads
-    h = pid % H
-    n = (pid // H) % N
-    b = (pid // (H * N)).to(tl.int64)
-    t = tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (d[None, :] < D)
-    ptrs = qkv_ptr + b * s_b + n * s_n + h * s_h + t[:, None] * s_t + d[None, :] * s_d  # (T, D) tile of q
+    i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # BLOCK_B consecutive (b, n, h), head fastest
+    h = i % H
+    n = (i // H) % N
+    b = (i // (H * N)).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (i < total)[:, None, None] & (t < T) & (d < D)  # (BB, BT, BD)
+    ptrs = qkv_ptr + (b * s_b + n * s_n + h * s_h)[:, None, None] + t * s_t + d * s_d  # q tiles (BB, BT, BD)
     q = tl.load(ptrs, mask=mask, other=0.0)
     k = tl.load(ptrs + s_3, mask=mask, other=0.0)
     v = tl.load(ptrs + 2 * s_3, mask=mask, other=0.0)
 
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (T, T) logits in fp32
-    s = tl.where(t[None, :] < T, s, float("-inf"))  # padded key frames get no weight
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    denom = tl.sum(p, axis=1)
-    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / denom[:, None]  # (T, D)
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale  # (BB, T, T) logits in fp32
+    s = tl.where(tl.arange(0, BLOCK_T)[None, None, :] < T, s, float("-inf"))  # padded key frames: no weight
+    p = tl.exp(s - tl.max(s, axis=2)[:, :, None])
+    denom = tl.sum(p, axis=2)
+    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / denom[:, :, None]  # (BB, T, D)
 
-    out_ptrs = out_ptr + b * o_b + n * o_n + t[:, None] * o_t + (h * D + d[None, :]) * o_c
+    out_ptrs = out_ptr + (b * o_b + n * o_n + h * D * o_c)[:, None, None] + t * o_t + d * o_c
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _temporal_attention_bwd_kernel(
-    qkv_ptr, dout_ptr, dqkv_ptr, scale, N, H, T, D,
+    qkv_ptr, dout_ptr, dqkv_ptr, scale, total, N, H, T, D,
     s_b, s_t, s_n, s_3, s_h, s_d,  # qkv strides, (B, T, N, 3, H, D)
     g_b, g_t, g_n, g_c,  # dout strides, (B, T, N, H*D)
     r_b, r_t, r_n, r_3, r_h,  # dqkv strides, contiguous (B, T, N, 3, H, D)
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = pid % H
-    n = (pid // H) % N
-    b = (pid // (H * N)).to(tl.int64)
-    t = tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (d[None, :] < D)
-    ptrs = qkv_ptr + b * s_b + n * s_n + h * s_h + t[:, None] * s_t + d[None, :] * s_d
+    i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h = i % H
+    n = (i // H) % N
+    b = (i // (H * N)).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (i < total)[:, None, None] & (t < T) & (d < D)
+    ptrs = qkv_ptr + (b * s_b + n * s_n + h * s_h)[:, None, None] + t * s_t + d * s_d
     q = tl.load(ptrs, mask=mask, other=0.0)
     k = tl.load(ptrs + s_3, mask=mask, other=0.0)
     v = tl.load(ptrs + 2 * s_3, mask=mask, other=0.0)
-    do_ptrs = dout_ptr + b * g_b + n * g_n + t[:, None] * g_t + (h * D + d[None, :]) * g_c
+    do_ptrs = dout_ptr + (b * g_b + n * g_n + h * D * g_c)[:, None, None] + t * g_t + d * g_c
     do = tl.load(do_ptrs, mask=mask, other=0.0)  # padded query frames have zero gradient
 
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # recompute the attention, (T, T)
-    s = tl.where(t[None, :] < T, s, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale  # recompute the attention
+    s = tl.where(tl.arange(0, BLOCK_T)[None, None, :] < T, s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=2)[:, :, None])
+    p = p / tl.sum(p, axis=2)[:, :, None]  # (BB, T, T)
 
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # (T, D)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (T, T)
-    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # softmax backward; sum(p * dp) = rowsum(do * o)
+    dv = tl.dot(tl.permute(p, (0, 2, 1)).to(do.dtype), do, input_precision=PRECISION)  # (BB, T, D)
+    dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION)  # (BB, T, T)
+    ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None]) * scale  # softmax backward; sum(p * dp) = rowsum(do * o)
     dq = tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dk = tl.dot(tl.permute(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
 
-    r_ptrs = dqkv_ptr + b * r_b + n * r_n + h * r_h + t[:, None] * r_t + d[None, :]
+    r_ptrs = dqkv_ptr + (b * r_b + n * r_n + h * r_h)[:, None, None] + t * r_t + d
     dtype = dqkv_ptr.dtype.element_ty
     tl.store(r_ptrs, dq.to(dtype), mask=mask)
     tl.store(r_ptrs + r_3, dk.to(dtype), mask=mask)
@@ -106,23 +107,29 @@ def _temporal_attention_bwd_kernel(
 
 
 # ---------------------------------------------------------------- launchers (torch.library custom ops)
+TILE = 4096  # elements per (BLOCK_B, BLOCK_T, BLOCK_D) tile: BLOCK_B = 8 problems at T = 16, D = 24
+
+
 def _launch_config(qkv):
+    """(grid, kernel settings) for qkv (B, T, N, 3, H, D): B * N * H problems of T x D, BLOCK_B per program."""
     B, T, N, three, H, D = qkv.shape
     if qkv.dim() != 6 or three != 3 or T > 64 or D > 128:
         raise ValueError(f"kernels/temporal_attention.py: expected qkv (B, T, N, 3, H, D) with T <= 64 and "
                          f"D <= 128, got shape {tuple(qkv.shape)}")
     block_t, block_d = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(D))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=dot_precision(qkv.dtype),
-                num_warps=4 if block_t * block_d >= 2048 else 2)
+    block_b = min(max(1, TILE // (block_t * block_d)), triton.next_power_of_2(B * N * H))
+    config = dict(BLOCK_B=block_b, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=dot_precision(qkv.dtype),
+                  num_warps=4)
+    return (triton.cdiv(B * N * H, block_b),), config
 
 
 @torch.library.custom_op("s2d::temporal_attention_forward", mutates_args=())
 def temporal_attention_forward(qkv: torch.Tensor, scale: float) -> torch.Tensor:
     B, T, N, _, H, D = qkv.shape
-    config = _launch_config(qkv)
+    grid, config = _launch_config(qkv)
     out = qkv.new_empty(B, T, N, H * D)  # (B, T, N, H*D)
     kernel = for_device(_temporal_attention_fwd_kernel, qkv, __file__)
-    kernel[(B * N * H,)](qkv, out, scale, N, H, T, D, *qkv.stride(), *out.stride(), **config)
+    kernel[grid](qkv, out, scale, B * N * H, N, H, T, D, *qkv.stride(), *out.stride(), **config)
     return out
 
 
@@ -135,11 +142,11 @@ def _(qkv, scale):
 @torch.library.custom_op("s2d::temporal_attention_backward", mutates_args=())
 def temporal_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, scale: float) -> torch.Tensor:
     B, T, N, _, H, D = qkv.shape
-    config = _launch_config(qkv)
+    grid, config = _launch_config(qkv)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous (B, T, N, 3, H, D)
     kernel = for_device(_temporal_attention_bwd_kernel, qkv, __file__)
-    kernel[(B * N * H,)](qkv, dout, dqkv, scale, N, H, T, D, *qkv.stride(), *dout.stride(),
-                         *dqkv.stride()[:5], **config)
+    kernel[grid](qkv, dout, dqkv, scale, B * N * H, N, H, T, D, *qkv.stride(), *dout.stride(),
+                 *dqkv.stride()[:5], **config)
     return dqkv
 
 
