@@ -5,6 +5,9 @@ Without CUDA the kernels run in Triton's interpreter, which is switched on here 
 reference in float64 on the same (rounded) inputs, so a tolerance measures the kernel's own rounding.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -198,3 +201,11 @@ def test_temporal_attention_under_autocast():
     with torch.autocast(DEVICE, dtype=torch.float16):
         out = temporal_attention(make_qkv(1, 5, 2, 2, 24, torch.float32), 0.2)
     assert out.dtype == torch.float16
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA, kernels/bench.py is the GPU benchmark itself (minutes): run it directly")
+def test_bench_without_cuda_says_so_and_exits_cleanly():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "kernels/bench.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No CUDA device" in done.stdout and "no GPU figure is measured" in done.stdout
