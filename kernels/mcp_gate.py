@@ -36,7 +36,9 @@ def mcp_gate_ref(x, a, w_x, b_x, w_a, b_a, s):
     Eq. (4): A = softmax over the N = h*w positions of s * x0, per frame and channel
     Eq. (5): x0' = A * x0;  then x0' + x1 (the sum inside Eq. (6))
     Like the release, this works on feature maps: tokens -> (F, C, h, w) -> 1x1 conv -> tokens.
-    Memory traffic: reads x and a (2 F N C), writes and re-reads the permuted copies (4 F N C).
+    Memory traffic: reads x and a (2 F N C); the (F, C, h, w) maps are channels-last views of the tokens, which
+    conv2d reads in place or first copies (4 F N C more), depending on the backend; under autocast it also
+    copies fp32 inputs to bf16 (4 F N C written, read again).
     """
     Fr, N, C = x.shape
     h = w = int(round(N ** 0.5))
@@ -248,7 +250,7 @@ def mcp_gate_backward(dout: torch.Tensor, x: torch.Tensor, a: torch.Tensor, w_x:
 def _(dout, x, a, w_x, w_a, s, x0, stats):
     K = w_x.shape[0]
     f32 = dict(dtype=torch.float32)
-    return [torch.empty_like(x), torch.empty_like(a), w_x.new_empty(w_x.shape, **f32), x.new_empty(K, **f32),
+    return [x.new_empty(x.shape), a.new_empty(a.shape), w_x.new_empty(w_x.shape, **f32), x.new_empty(K, **f32),
             w_a.new_empty(w_a.shape, **f32), x.new_empty(K, **f32), s.new_empty(s.shape, **f32)]
 
 

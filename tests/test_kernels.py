@@ -209,3 +209,16 @@ def test_bench_without_cuda_says_so_and_exits_cleanly():
     done = subprocess.run([sys.executable, "kernels/bench.py"], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "No CUDA device" in done.stdout and "no GPU figure is measured" in done.stdout
+
+
+def test_custom_ops_pass_opcheck():
+    """The torch.library registrations (schemas, fake tensors for torch.compile) agree with the real kernels."""
+    x, a, w_x, b_x, w_a, b_a, s = make_gate_inputs(2, 3, 20, torch.float32, s=2.0, strided=True)
+    torch.library.opcheck(torch.ops.s2d.mcp_gate_forward.default, (x, a, w_x, b_x, w_a, b_a, s))
+    out, x0, stats = torch.ops.s2d.mcp_gate_forward(x, a, w_x, b_x, w_a, b_a, s)
+    dout = torch.randn(out.shape[::-1], device=DEVICE).transpose(0, 2)  # a strided grad_output, (F, N, K)
+    torch.library.opcheck(torch.ops.s2d.mcp_gate_backward.default, (dout, x, a, w_x, w_a, s, x0, stats))
+    qkv = make_qkv(1, 5, 3, 2, 24, torch.float32, strided=True)
+    torch.library.opcheck(torch.ops.s2d.temporal_attention_forward.default, (qkv, 0.3))
+    dout = torch.randn(1, 5, 3, 48, device=DEVICE)
+    torch.library.opcheck(torch.ops.s2d.temporal_attention_backward.default, (dout, qkv, 0.3))
