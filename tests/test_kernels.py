@@ -1,8 +1,9 @@
 """The fused Triton kernels against their PyTorch references: values, gradients, invariants.
 
-Without CUDA the kernels run in Triton's interpreter, which is switched on here before triton's first import
-(it must be; see kernels/__init__.py). The interpreter is slow, so shapes stay small. Ground truth is the
-reference in float64 on the same (rounded) inputs, so a tolerance measures the kernel's own rounding.
+Without CUDA the kernels run in Triton's interpreter, which must be switched on before triton's first import:
+tests/conftest.py does so, and so does this module when run alone (see kernels/__init__.py). The interpreter is
+slow, so shapes stay small. Ground truth is the reference in float64 on the same (rounded) inputs, so a tolerance
+measures the kernel's own rounding.
 """
 import os
 import subprocess
@@ -87,7 +88,7 @@ def test_temporal_attention_permuting_positions_permutes_output(T, N, seed):
     qkv = make_qkv(2, T, N, 2, 24, torch.float32)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     out = temporal_attention(qkv, 0.2)
-    assert torch.equal(temporal_attention(qkv[:, :, perm], 0.2), out[:, :, perm])
+    torch.testing.assert_close(temporal_attention(qkv[:, :, perm], 0.2), out[:, :, perm], atol=1e-6, rtol=0)
 
 
 def test_temporal_attention_reference_gradcheck():
