@@ -519,13 +519,13 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
 # Expression parameters at the apex, as offsets from neutral: brow raise, brow inner end down, brow squeeze,
 # upper lid open, lower lid open, mouth width, smile (corners up), mouth open, upper lip raise, lips thin, nose up.
 _APEX = np.array([
-    [-0.6, 1.1, 1.0, -0.5, -0.2, -0.2, 0.0, 0.0, 0.0, 0.6, 0.0],  # Angry: brows down in a V, narrow eyes, pressed lips
-    [-0.5, 0.3, 0.6, -0.4, -0.5, -0.1, -0.5, 0.1, 1.0, 0.0, 1.0],  # Disgust: upper lip and nose up, corners down
-    [0.8, -0.8, 0.6, 0.9, 0.3, 0.3, -0.3, 0.14, 0.0, 0.0, 0.0],  # Fear: brows up and together, wide eyes, stretched
-    [0.1, 0.0, 0.0, -0.15, -0.6, 0.25, 1.0, 0.1, 0.0, 0.0, 0.0],  # Happy: wide smile, raised cheeks
+    [-0.8, 1.4, 1.0, -0.55, -0.3, -0.25, 0.0, 0.0, 0.0, 0.8, 0.0],  # Angry: brows down in a V, narrow eyes, thin lips
+    [-0.6, 0.3, 0.6, -0.45, -0.6, -0.1, -0.7, 0.12, 1.4, 0.0, 1.4],  # Disgust: upper lip and nose up, corners down
+    [1.0, -1.0, 0.7, 1.1, 0.4, 0.35, -0.4, 0.2, 0.0, 0.0, 0.0],  # Fear: brows up and together, wide eyes, stretched
+    [0.1, 0.0, 0.0, -0.2, -0.7, 0.35, 1.4, 0.14, 0.0, 0.0, 0.0],  # Happy: wide open smile, raised cheeks
     [0.0] * 11,  # Neutral
-    [0.1, -1.1, 0.3, -0.2, 0.0, -0.05, -1.1, 0.0, 0.0, 0.0, 0.0],  # Sad: inner brows up, corners down
-    [1.3, 0.0, 0.0, 0.9, 0.3, -0.4, 0.0, 0.4, 0.0, 0.0, 0.0],  # Surprise: brows high, eyes wide, mouth a tall O
+    [0.1, -1.4, 0.4, -0.25, 0.0, -0.05, -1.5, 0.0, 0.0, 0.0, 0.0],  # Sad: inner brows up, corners down
+    [1.5, 0.0, 0.0, 1.1, 0.4, -0.4, 0.0, 0.55, 0.0, 0.0, 0.0],  # Surprise: brows high, eyes wide, mouth a tall O
 ])
 _EYE = np.array([[-1, 0], [-0.4, -1], [0.4, -1], [1, 0], [0.4, 1], [-0.4, 1]], float)  # corners and lids
 
@@ -537,8 +537,8 @@ def _identity(rng):
     iris = np.array([[70, 45, 25], [50, 95, 140], [70, 110, 60], [35, 30, 30]])[rng.integers(4)]
     u = lambda a, b: rng.uniform(a, b)  # noqa: E731
     return dict(w=u(0.85, 1.05), h=u(0.95, 1.12), jaw=u(0.7, 1.3), forehead=u(0.9, 1.05), hair_h=u(0.6, 1.0),
-                eye_x=u(0.38, 0.46), eye=u(0.85, 1.2), brow_y=u(-0.56, -0.48), brow_t=u(0.06, 0.1),
-                mouth_w=u(0.28, 0.38), mouth_y=u(0.5, 0.6), lip=u(0.04, 0.07), nose=u(0.9, 1.1),
+                eye_x=u(0.38, 0.46), eye=u(1.0, 1.3), brow_y=u(-0.56, -0.48), brow_t=u(0.08, 0.12),
+                mouth_w=u(0.32, 0.4), mouth_y=u(0.5, 0.6), lip=u(0.04, 0.07), nose=u(0.9, 1.1),
                 skin=skin, hair=hair * u(0.8, 1.2), iris=iris, lips=skin * [0.85, 0.55, 0.55] + [25, 0, 0])
 
 
@@ -551,7 +551,7 @@ def _landmarks(e, idt):
                     -0.1 + idt["h"] * np.sin(a) + 0.6 * gap * np.sin(a) ** 8)  # jaw, the chin drops with the mouth
     u = np.linspace(0, 1, 5)  # along a brow, outer end to inner end
     bx = -(0.8 - 0.62 * u) * idt["w"] + 0.07 * squeeze * u
-    by = idt["brow_y"] - 0.08 * np.sin(np.pi * u) * (1 + 0.5 * b_raise) - 0.14 * b_raise + 0.14 * b_inner * u ** 1.5
+    by = idt["brow_y"] - 0.08 * np.sin(np.pi * u) * (1 + 0.5 * b_raise) - 0.15 * b_raise + 0.16 * b_inner * u ** 1.5
     p[17:22], p[22:27] = _xy(bx, by), _xy(-bx[::-1], by[::-1])
     p[27:31] = _xy(np.zeros(4), np.linspace(-0.3, 0.15 * idt["nose"], 4))
     p[31:36] = _xy(np.linspace(-0.17, 0.17, 5) * (1 + 0.15 * nose_up),
@@ -560,7 +560,7 @@ def _landmarks(e, idt):
     for first, side in ((36, -1), (42, 1)):
         p[first:first + 6] = _EYE * [0.19, 0.085] * idt["eye"] * _xy(np.ones(6), lids) + [side * idt["eye_x"], -0.25]
     mw = idt["mouth_w"] * (1 + width)
-    mid = lambda x: idt["mouth_y"] - 0.12 * smile * x ** 2  # noqa: E731  mouth line, corners up with a smile
+    mid = lambda x: idt["mouth_y"] - 0.14 * smile * x ** 2  # noqa: E731  mouth line, corners up with a smile
     prof = lambda x: np.sqrt(np.clip(1 - x ** 2, 0, 1))  # noqa: E731  lip height profile, 0 at the corners
     xo, xi = np.array([-1, -0.66, -0.33, 0, 0.33, 0.66, 1]), np.array([-0.88, -0.4, 0, 0.4, 0.88])
     lip_u, lip_l = idt["lip"] * (1 - 0.6 * thin), 1.3 * idt["lip"] * (1 - 0.6 * thin)
@@ -606,7 +606,7 @@ def _shapes(p, idt):
             ([_ellipse(*e.mean(0), r, r) for e in eyes], idt["iris"], "iris"),
             ([_ellipse(*e.mean(0), 0.45 * r, 0.45 * r) for e in eyes], np.zeros(3) + 15, "pupil"),
             ([_ribbon(e[:4], 0.025) for e in eyes], idt["hair"] * 0.5, "lids"),
-            ([_ribbon(p[17:22], idt["brow_t"]), _ribbon(p[22:27], idt["brow_t"])], idt["hair"] * 0.8, "brows"),
+            ([_ribbon(p[17:22], idt["brow_t"]), _ribbon(p[22:27], idt["brow_t"])], idt["hair"] * 0.5, "brows"),
             ([_ribbon(p[27:31], 0.035)], skin * 0.8, "nose"), ([_ribbon(p[31:36], 0.045)], skin * 0.55, "nostrils"),
             ([p[48:60]], idt["lips"], "lips"), ([p[60:68]], np.array([60.0, 20, 25]), "mouth"),
             ([teeth], np.array([235.0, 230, 220]), "teeth"), ([_ribbon(p[60:65], 0.02)], idt["lips"] * 0.5, "lipline")]
@@ -673,10 +673,10 @@ def demo_clip(label, rng, size=128):
     neutral at first, the apex reached by frame 5 and held to the end (16-32 frames)."""
     idt, n = _identity(rng), int(rng.integers(16, 33))
     intensity = _intensity(n, rng)
-    pose = np.array([size * rng.uniform(0.45, 0.55), size * rng.uniform(0.46, 0.56), rng.uniform(-0.17, 0.17),
-                     rng.uniform(-0.3, 0.3), size * rng.uniform(0.3, 0.35)])  # centre x, y, roll, yaw, px per unit
+    pose = np.array([size * rng.uniform(0.46, 0.54), size * rng.uniform(0.45, 0.51), rng.uniform(-0.12, 0.12),
+                     rng.uniform(-0.2, 0.2), size * rng.uniform(0.41, 0.46)])  # centre x, y, roll, yaw, px per unit
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    light, bg_dir = rng.uniform(-0.35, 0.35, 2), rng.uniform(-40, 40, 2)
+    light, bg_dir = rng.uniform(-0.25, 0.25, 2), rng.uniform(-40, 40, 2)
     light = (1 + xx * light[0] + yy * light[1]).astype(np.float32)[..., None]  # (S, S, 1) lighting gradient
     background = np.clip(rng.uniform(20, 235, 3) + (xx * bg_dir[0] + yy * bg_dir[1])[..., None], 0, 255)
     background = background.astype(np.float32)
@@ -686,7 +686,7 @@ def demo_clip(label, rng, size=128):
         p = _landmarks(_APEX[label] * intensity[k], idt)
         img = _render(p, idt, pose + jitter, background, size)
         img *= light * rng.uniform(0.97, 1.03)
-        img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 5)
+        img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 3)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
         points.append(_project(p, pose + jitter))
     return np.stack(frames), np.stack(points).astype(np.float32)
