@@ -695,12 +695,12 @@ def demo_clip(label, rng, size=128):
 def _write_frames(folder, frames):
     """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally)."""
     folder.mkdir(parents=True)
+    codec = av.CodecContext.create("mjpeg", "w")  # every JPEG frame is coded on its own
+    codec.width, codec.height, codec.pix_fmt, codec.time_base = frames.shape[2], frames.shape[1], "yuvj420p", 1
+    codec.options = {"qmin": "1", "qmax": "3"}
     for k, frame in enumerate(frames, 1):
-        codec = av.CodecContext.create("mjpeg", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.shape[1], frame.shape[0], "yuvj420p"
-        codec.options = {"qmin": "1", "qmax": "3"}
         packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p"))
-        (folder / f"{k}.jpg").write_bytes(b"".join(bytes(p) for p in packets + codec.encode(None)))
+        (folder / f"{k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
 
 
 def _write_video(path, frames, fps=25):

@@ -172,7 +172,7 @@ def test_demo_round_trips_frames_landmarks_and_labels(demo):
         frames, points = data.demo_clip(sample.label, np.random.default_rng([3, sample.label, int(clip[:4])]))
         decoded = data.load_clip(sample, demo)
         assert name == "Happy" and decoded.shape == frames.shape == (len(points), 128, 128, 3)
-        assert np.abs(decoded.astype(int) - frames).mean() < 4
+        assert np.abs(decoded.astype(int) - frames).mean() < 6  # lossy 4:2:0 JPEG / H.264 at 128 px
         assert np.array_equal(np.load(demo / "landmarks" / name / f"{clip[:4]}.npy"), points)
 
 
