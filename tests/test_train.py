@@ -1,0 +1,130 @@
+"""train.py end to end on a tiny demo (s2d_tiny, 2 frames, a few dozen clips), each run in a subprocess:
+bit-exact resume, SIGTERM, a non-finite loss, and a 2-process torchrun run against a 1-process run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model import safe_load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# 35 clips: 28 train (7 of them held out for validation) and 7 test; 2 frames, batch 2 -> 10 steps per epoch
+TINY = ["--num-frames", "2", "--batch-size", "2", "--val-fraction", "0.25", "--blr", "2e-4", "--warmup-epochs", "0.5",
+        "--sdl-start", "1", "--sdl-ramp", "0.5"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import data
+
+    return str(data.make_demo(tmp_path_factory.mktemp("demo") / "demo", num_clips=35, workers=1))
+
+
+def train(demo, out, *extra, check=True):
+    cmd = [sys.executable, TRAIN, "--data-root", demo, "--out", str(out), *TINY, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def test_resume_is_bit_exact(demo, tmp_path):
+    train(demo, tmp_path / "whole", "--epochs", "2")
+    stopped = train(demo, tmp_path / "parts", "--epochs", "2", "--stop-after-steps", "13")
+    assert "stopped by --stop-after-steps 13 at epoch 1, step 3 of 10" in stopped.stdout
+    ckpt = safe_load(tmp_path / "parts" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 3, 13)
+    train(demo, tmp_path / "parts", "--resume", str(tmp_path / "parts"))
+    whole, parts = (safe_load(tmp_path / run / "last.pt") for run in ("whole", "parts"))
+    assert_same_tensors(whole["model"], parts["model"], "model")
+    assert_same_tensors(whole["anchors"], parts["anchors"], "SDL anchors")
+    for a, b in zip(whole["optimizer"]["state"].values(), parts["optimizer"]["state"].values(), strict=True):
+        assert_same_tensors(a, b, "AdamW state")
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("whole", "parts")]
+    assert [r["epoch"] for r in logs[1]] == [0, 1]
+    assert [r["val_war"] for r in logs[0]] == [r["val_war"] for r in logs[1]]
+    assert logs[0][1]["sdl_lambda"] > 0 and logs[0][1]["bce"] > 0, "SDL was active in epoch 1"
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("whole", "parts")]
+    assert results[0] == results[1]
+
+
+def test_sigterm_saves_a_loadable_checkpoint(demo, tmp_path):
+    err = tmp_path / "stderr.txt"
+    cmd = [sys.executable, TRAIN, "--data-root", demo, "--out", str(tmp_path / "run"), *TINY, "--epochs", "50"]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV, cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while "loss=" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # tqdm shows the loss once the first step is done
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert "stopped by SIGTERM" in stdout
+    ckpt = safe_load(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] >= 1 and ckpt["epoch"] < 50
+    from model import S2D, S2DConfig
+
+    S2D(S2DConfig(**ckpt["config"])).load_state_dict(ckpt["model"])
+    assert set(ckpt) >= {"optimizer", "scheduler", "scaler", "anchors", "rng", "args", "classes", "step_in_epoch"}
+    assert not list((tmp_path / "run").glob("*.tmp")), "a temporary file was left behind"
+
+
+NAN_AT_CALL_12 = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import loss
+calls, sdl_loss = [0], loss.sdl_loss
+def poisoned(logits, labels, soft, lam):
+    calls[0] += 1
+    total, ce, bce = sdl_loss(logits, labels, soft, lam)
+    return (total * float("nan") if calls[0] == 12 else total), ce, bce
+loss.sdl_loss = poisoned
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo, tmp_path):
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(NAN_AT_CALL_12.format(root=ROOT, train=TRAIN))
+    cmd = [sys.executable, str(script), "--data-root", demo, "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite loss nan at epoch 1, step 1 (global step 11)" in proc.stderr
+    ckpt = safe_load(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10), "the epoch-0 checkpoint is kept"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_torchrun_two_processes_match_one_process(demo, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+           "--data-root", demo, "--out", str(tmp_path / "ddp"), *TINY, "--epochs", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("effective batch = 2 x 1 accum x 2 = 4") == 1, "rank 0 alone prints"
+    train(demo, tmp_path / "single", "--epochs", "1", "--batch-size", "4")  # the same 4 clips per step, 1 process
+    ddp, single = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                   for run in ("ddp", "single"))
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [5]
+    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-3)
+    assert ddp[0]["lr"] == single[0]["lr"]
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert (config["world_size"], config["total_batch"]) == (2, 4)
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["last"]["confusion"]

@@ -1,0 +1,445 @@
+"""Train S2D, image stage (SFER) or video stage (DFER), as one plain script that reads top to bottom.
+
+Demo on CPU (makes ./data/demo if it is missing, trains s2d_tiny, prints the test UAR / WAR):
+    python train.py
+The same demo on 2 CPU processes (gloo):
+    torchrun --standalone --nproc_per_node=2 train.py
+Image stage, one 8-GPU node: full fine-tuning of an MAE ViT-B/16 on AffectNet-7:
+    torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7 --data-root DATA/AffectNet \
+        --init mae_pretrain_vit_base.pth --landmark-weights mobilefacenet_model_best.pth.tar
+Video stage (DFEW fold 1; likewise --dataset ferv39k, or --dataset mafw --fold k):
+    torchrun --standalone --nproc_per_node=8 train.py --dataset dfew --fold 1 --data-root DATA/DFEW \
+        --init pretrain-AffectNet-7.pth --landmark-weights mobilefacenet_model_best.pth.tar
+Continue a stopped run (same world size for a bit-exact continuation):
+    python train.py --resume runs/demo-video
+
+Learning rate: lr = blr * total_batch / 8, total_batch = batch-size x accum-steps x processes (the release's rule).
+Outputs in --out: config.json, log.jsonl (one JSON line per epoch), last.pt (every epoch and on SIGTERM / SIGINT),
+best.pt (best validation score), results.json (test metrics of last.pt and best.pt).
+Exit status: 0 when done, and also when stopped by SIGTERM / SIGINT (after the current step and a checkpoint);
+1 on a non-finite loss (the message names epoch and step; last.pt stays the last good checkpoint).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+from eval import evaluate, format_report
+from landmarks import LandmarkFeatures
+from loss import SCHEDULES, EmotionAnchors, lambda_at, sdl_loss
+from model import build_model, load_checkpoint, no_weight_decay, safe_load, set_trainable
+
+# ----------------------------------------------------------------------------- options
+# Options left unset take the default of the run kind: (demo, image stage, video stage).
+RUN_DEFAULTS = {
+    "model": ("s2d_tiny", "s2d_base", "s2d_base"),
+    "epochs": (8, 20, 100),
+    "batch_size": (8, 32, 8),
+    "num_frames": (8, 1, 16),
+    # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
+    # layer decay; the authors publish no image-stage recipe); demo: a from-scratch tiny model, tuned to the budget
+    "blr": (5e-4, 5e-6, 1e-5),
+    "warmup_epochs": (1, 2, 2),
+    "sdl_start": (2, -1, 20),  # -1: no SDL. The release starts SDL after epoch 20
+}
+RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps")  # on --resume these come from the command line
+FOLDED = ("dfew", "mafw")
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+add = parser.add_argument
+add("--dataset", default="demo", choices=sorted(data.CLASSES), help="dataset to train on (default: demo)")
+add("--data-root", help="dataset folder (default for the demo: data/demo, generated when train.csv is missing)")
+add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
+add("--model", choices=("s2d_base", "s2d_tiny"), help="preset (default: s2d_tiny for the demo, s2d_base otherwise)")
+add("--stage", default="video", choices=("image", "video"),
+    help="image: the SFER image model, full fine-tuning (from an MAE ViT-B/16 via --init); video: the DFER model, "
+         "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise")
+add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
+                   "ours or the released pretrain-AffectNet-7.pth (video stage)")
+add("--landmark-weights", help="MobileFaceNet checkpoint (mobilefacenet_model_best.pth.tar); default: untrained")
+add("--oversample", action="store_true", help="class-balanced sampling (trades WAR for UAR, paper Tables IX-X)")
+add("--epochs", type=int, help="training epochs (default: demo 8, image 20, video 100)")
+add("--batch-size", type=int, help="clips per process and micro-step (default: demo 8, image 32, video 8)")
+add("--accum-steps", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
+add("--num-frames", type=int, help="frames per clip (default: demo 8, image 1, video 16)")
+add("--blr", type=float, help="base lr; lr = blr * total_batch / 8 (default: demo 5e-4, image 5e-6, video 1e-5)")
+add("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
+add("--warmup-epochs", type=float, help="linear warm-up, in epochs (default: demo 1, otherwise 2)")
+add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
+add("--sdl-start", type=int, help="first epoch (0-based) with the SDL term, -1 for none (default: demo 2, "
+                                  "image -1, video 20)")
+add("--lambda-schedule", default="linear", choices=SCHEDULES,
+    help="SDL weight: linear / cosine ramp from 0 to 1 (the paper), or release: the released epoch steps")
+add("--sdl-ramp", type=float, default=0.0, help="ramp length in epochs (0: over the rest of the training)")
+add("--sdl-refresh", default="step", choices=("step", "never"),
+    help="step: the paper, anchors refreshed from every mini-batch; never: the release, random anchors kept fixed")
+add("--val-fraction", type=float, default=0.1, help="per-class fraction of the training list held out for model "
+                                                    "selection (seeded); 0: no validation, no best.pt")
+add("--select", default="war", choices=("war", "uar"), help="validation metric that picks best.pt")
+add("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    help="autocast on CUDA (auto: bf16 on CUDA, fp32 on CPU); fp16 uses a gradient scaler")
+add("--kernels", default="auto", choices=("auto", "triton", "torch"), help="TMA / MCP kernels (auto: triton on CUDA)")
+add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+add("--workers", type=int, default=0, help="data-loading worker processes per process")
+add("--seed", type=int, default=0, help="seed of model init, split, sampling order and augmentation")
+add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>)")
+add("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its saved options")
+add("--stop-after-steps", type=int, help="stop as on SIGTERM after this many optimizer steps (for tests)")
+args = parser.parse_args()
+
+if args.resume:  # the saved options win, except the runtime ones
+    runtime = {k: getattr(args, k) for k in RUNTIME_OPTIONS}
+    ckpt = safe_load(Path(args.resume) / "last.pt")
+    args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
+else:
+    ckpt = None
+    kind = 0 if args.dataset == "demo" else (1 if args.stage == "image" else 2)
+    if args.stage == "image" and args.num_frames is None:
+        args.num_frames = 1  # the image model sees single frames, the demo's too
+    for name, by_kind in RUN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, by_kind[kind])
+    if args.data_root is None and args.dataset != "demo":
+        parser.error(f"--data-root is needed for --dataset {args.dataset}")
+    args.data_root = args.data_root or "data/demo"
+    fold = f"-fold{args.fold}" if args.dataset in FOLDED else ""
+    args.out = args.out or f"runs/{args.dataset}{fold}-{args.stage}"
+
+# ----------------------------------------------------------------------------- processes and devices
+ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+if use_cuda:
+    torch.cuda.set_device(device)
+if ddp:
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+master = rank == 0
+log = print if master else (lambda *a, **k: None)
+precision = ("bf16" if use_cuda else "fp32") if args.precision == "auto" else args.precision
+if precision != "fp32" and not use_cuda:
+    parser.error(f"--precision {precision} needs CUDA; on CPU training runs in fp32")
+amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
+out = Path(args.out)
+if master and not args.resume and (out / "last.pt").exists() and args.dataset != "demo":
+    parser.error(f"{out} holds a checkpoint: continue it with --resume {out}, or choose another --out")
+
+# ----------------------------------------------------------------------------- data
+root = Path(args.data_root)
+if args.dataset == "demo" and not (root / "train.csv").exists():
+    if master:
+        log(f"making the demo dataset in {root}")
+        data.make_demo(root)
+    if ddp:
+        dist.barrier()
+files = data.dataset_files(args.dataset, root, fold=args.fold)
+classes = data.CLASSES[args.dataset]
+train_all = data.read_split(args.dataset, files.train)
+test_samples = data.read_split(args.dataset, files.test)
+
+
+def split_validation(samples, fraction, seed):
+    """Seeded per-class hold-out: class c gives round(fraction * n_c) of its samples to validation."""
+    gen = torch.Generator().manual_seed(seed)
+    held = set()
+    for c in sorted({s.label for s in samples}):
+        members = [i for i, s in enumerate(samples) if s.label == c]
+        order = torch.randperm(len(members), generator=gen).tolist()
+        held.update(members[j] for j in order[: round(fraction * len(members))])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+train_samples, val_samples = split_validation(train_all, args.val_fraction, args.seed)
+
+# ----------------------------------------------------------------------------- model, landmark view, SDL anchors
+torch.manual_seed(args.seed)  # the same initial model and anchors on every rank
+image_stage = args.stage == "image"
+model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage, kernels=args.kernels)
+if args.init and not args.resume:
+    load_checkpoint(model, args.init)
+scope = "image" if image_stage else ("video" if args.init else "all")
+n_trainable, n_total = set_trainable(model, scope)
+model.to(device)
+landmark_net = LandmarkFeatures(weights=args.landmark_weights).to(device)  # frozen, eval mode, no grad
+anchors = EmotionAnchors(len(classes), model.cfg.width, init="empty" if args.sdl_refresh == "step" else "random")
+anchors.to(device)
+raw_model = model
+if ddp:  # every trainable parameter gets a gradient, so no unused-parameter search
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+torch.manual_seed(args.seed + rank)  # from here on, anything random differs per rank
+random.seed(args.seed + rank)
+np.random.seed(args.seed + rank)
+
+common = dict(num_frames=args.num_frames, image_size=raw_model.cfg.img_size, seed=args.seed)
+n_views = 1 if args.dataset in data.IMAGE_DATASETS else 2  # SPEC.md section 4: 2 x 2 views of a video, as eval.py
+views = dict(temporal_views=n_views, spatial_crops=n_views)
+train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=True, **common)
+val_ds = data.ClipDataset(val_samples, files.media_root, mode="eval", augment=False, **common, **views)
+test_ds = data.ClipDataset(test_samples, files.media_root, mode="eval", augment=False, **common, **views)
+if args.oversample:
+    sampler = data.ClassBalancedSampler([s.label for s in train_samples], num_replicas=world, rank=rank, seed=args.seed)
+else:
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+per_step = args.batch_size * args.accum_steps  # clips per process and optimizer step
+steps_per_epoch = len(sampler) // per_step
+if steps_per_epoch == 0:
+    sys.exit(f"train.py: {len(train_samples)} training clips give {len(sampler)} per process, fewer than "
+             f"batch-size x accum-steps = {per_step}; lower --batch-size")
+
+
+def ignore_sigint(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which saves and exits
+
+
+def epoch_loader(epoch, skip_steps):
+    """This epoch's batches after the first skip_steps optimizer steps; order and augmentation come from seed+epoch."""
+    sampler.set_epoch(epoch)
+    train_ds.set_epoch(epoch)
+    order = list(sampler)[skip_steps * per_step: steps_per_epoch * per_step]
+    return DataLoader(train_ds, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
+                      pin_memory=use_cuda, worker_init_fn=ignore_sigint,
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+total_batch = per_step * world
+lr = args.blr * total_batch / 8
+groups = [[], []]  # [decay, no decay]
+for name, p in raw_model.named_parameters():
+    if p.requires_grad:
+        groups[no_weight_decay(name, p)].append(p)
+optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": args.weight_decay},
+                               {"params": groups[1], "weight_decay": 0.0}],
+                              lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=use_cuda)
+warmup_steps, total_steps = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
+
+
+def lr_factor(step):
+    """Linear warm-up, then cosine decay to min-lr; per optimizer step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return args.min_lr / lr + (1 - args.min_lr / lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+log(json.dumps(vars(args), indent=2))
+log(f"{world} process(es) on {device}, {precision}; effective batch = {args.batch_size} x {args.accum_steps} accum x "
+    f"{world} = {total_batch}; lr = {args.blr:g} x {total_batch} / 8 = {lr:g}; {steps_per_epoch} steps per epoch")
+log(f"data: {len(train_samples)} train / {len(val_samples)} validation / {len(test_samples)} test clips, "
+    f"{len(classes)} classes")
+if scope == "all":
+    log("no --init: the whole model trains (there is no image-stage model to keep frozen)")
+log(f"{args.model} {args.stage} model ({scope} set trains): {n_trainable:,} trainable of {n_total:,} parameters")
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+def rng_state():
+    state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
+            "python": random.getstate(), "numpy": [state[0], state[1].tolist(), *state[2:]]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if use_cuda and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+
+
+def save_checkpoint(names, epoch, step_in_epoch):
+    """Rank 0 writes the full state to each of names, atomically; (epoch, step_in_epoch) is where to go on."""
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs[0] = rng_state()
+    if not master:
+        return
+    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 scaler=scaler.state_dict(), anchors=anchors.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
+                 step=step, meter=meter, best=best, rng=rngs, config=dataclasses.asdict(raw_model.cfg),
+                 args=vars(args), classes=list(classes), world_size=world)
+    for name in names:
+        tmp = out / f"{name}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, out / name)
+
+
+def new_meter():
+    return dict(loss=0.0, ce=0.0, bce=0.0, steps=0, clips=0, replaced=0, seconds=0.0, lr=0.0)
+
+
+start_epoch, skip, step, meter, best = 0, 0, 0, new_meter(), dict(score=-1.0, epoch=-1)
+if ckpt is not None:
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    anchors.load_state_dict(ckpt["anchors"])
+    start_epoch, skip, step, meter, best = (ckpt[k] for k in ("epoch", "step_in_epoch", "step", "meter", "best"))
+    if ckpt["world_size"] != world:
+        log(f"warning: the run used {ckpt['world_size']} processes, now {world}: the sampling order changes")
+    set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+    log(f"resumed {out} at epoch {start_epoch}, step {skip} of {steps_per_epoch}")
+    del ckpt
+if master:
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        config = dict(args=vars(args), model=dataclasses.asdict(raw_model.cfg), classes=list(classes),
+                      world_size=world, total_batch=total_batch, lr=lr, steps_per_epoch=steps_per_epoch)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    # an epoch that did not reach its checkpoint is redone: drop its log line
+    old = (out / "log.jsonl").read_text().splitlines() if args.resume and (out / "log.jsonl").exists() else []
+    (out / "log.jsonl").write_text("".join(f"{r}\n" for r in old if json.loads(r)["epoch"] < start_epoch))
+
+stop_signal = None
+
+
+def request_stop(signum, _frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+
+def sdl_weight(epoch_float):
+    """lambda of Eq. (21) at a fractional epoch; 0 without SDL."""
+    if args.sdl_start < 0:
+        return 0.0
+    return lambda_at(epoch_float, args.lambda_schedule, args.sdl_start, args.sdl_ramp, args.epochs)
+
+
+def stop_requested():
+    """Whether any rank got SIGTERM / SIGINT (or reached --stop-after-steps); all ranks agree."""
+    flag = torch.tensor(float(stop_signal is not None or step == args.stop_after_steps), device=device)
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def finish(code, message):
+    log(message, file=sys.stderr if code else sys.stdout)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- training
+for epoch in range(start_epoch, args.epochs):
+    model.train()
+    bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
+    sums = torch.zeros(4, device=device)  # this optimizer step's loss, ce, bce (means), replaced clips (a count)
+    t0 = time.perf_counter()
+    for micro, batch in enumerate(epoch_loader(epoch, skip)):
+        step_in_epoch, last_micro = skip + micro // args.accum_steps, (micro + 1) % args.accum_steps == 0
+        video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
+        labels = batch["label"].to(device, non_blocking=True)  # (B,)
+        lam = sdl_weight(epoch + step_in_epoch / steps_per_epoch)
+        with model.no_sync() if ddp and not last_micro else nullcontext():
+            with autocast():
+                landmarks = landmark_net(video)  # (B, T, 128, 14, 14), frozen and without grad
+                logits, features = model(video, landmarks)  # (B, classes), (B, C)
+            soft = anchors.soft_labels(features) if lam > 0 else None  # Eq. (16)-(18), queues as they are
+            loss, ce, bce = sdl_loss(logits, labels, soft, lam)
+            scaler.scale(loss / args.accum_steps).backward()
+        if args.sdl_refresh == "step":  # the paper: newest in, oldest out, every step; identical on all ranks
+            anchors.enqueue(features.detach(), logits.detach().float().softmax(-1), labels)
+        sums += torch.stack([loss.detach() / args.accum_steps, ce / args.accum_steps, bce / args.accum_steps,
+                             batch["replaced"].sum().float().to(device)])
+        if not last_micro:
+            continue
+        if ddp:  # one all-reduce: the means over ranks, the replaced count over ranks
+            dist.all_reduce(sums)
+            sums[:3] /= world
+        if not torch.isfinite(sums).all():
+            finish(1, f"train.py: non-finite loss {sums[0].item()} at epoch {epoch}, step {step_in_epoch} (global "
+                      f"step {step}); stopped without saving, {out / 'last.pt'} is the last good checkpoint")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, ce_value, bce_value, replaced = sums.tolist()
+        sums.zero_()
+        meter.update(loss=meter["loss"] + loss_value, ce=meter["ce"] + ce_value, bce=meter["bce"] + bce_value,
+                     steps=meter["steps"] + 1, clips=meter["clips"] + per_step * world, lr=scheduler.get_last_lr()[0],
+                     replaced=meter["replaced"] + int(replaced))
+        scheduler.step()
+        step += 1
+        elapsed = meter["seconds"] + time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{meter['lr']:.2e}",
+                        clips_s=f"{meter['clips'] / elapsed:.1f}")
+        bar.update()
+        if stop_requested():
+            meter["seconds"] = elapsed
+            save_checkpoint(["last.pt"], epoch, step_in_epoch + 1)
+            bar.close()
+            why = signal.Signals(stop_signal).name if stop_signal else f"--stop-after-steps {args.stop_after_steps}"
+            finish(0, f"stopped by {why} at epoch {epoch}, step {step_in_epoch + 1} of {steps_per_epoch}; "
+                      f"{out / 'last.pt'} saved; continue with: python train.py --resume {out}")
+    bar.close()
+    meter["seconds"] += time.perf_counter() - t0
+
+    val = evaluate(raw_model, landmark_net, val_ds, args.batch_size, device, workers=args.workers,
+                   amp=precision == "bf16") if val_samples else None
+    n = max(1, meter["steps"])
+    record = dict(epoch=epoch, step=step, lr=meter["lr"], loss=meter["loss"] / n, ce=meter["ce"] / n,
+                  bce=meter["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
+                  replaced=meter["replaced"], clips_per_s=meter["clips"] / max(meter["seconds"], 1e-9),
+                  seconds=meter["seconds"])
+    if val is not None:
+        record.update(val_uar=val["uar"], val_war=val["war"])
+    log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in record.items() if k != "epoch"))
+    if master:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    names = ["last.pt"]
+    if val is not None and val[args.select] > best["score"]:
+        best = dict(score=val[args.select], epoch=epoch)
+        names.append("best.pt")
+    skip, meter = 0, new_meter()
+    save_checkpoint(names, epoch + 1, 0)
+    if stop_requested():
+        finish(0, f"stopped by {signal.Signals(stop_signal).name if stop_signal else '--stop-after-steps'} after "
+                  f"epoch {epoch}; {out / 'last.pt'} saved; continue with: python train.py --resume {out}")
+
+# ----------------------------------------------------------------------------- test: last epoch and best on validation
+results = {}
+for tag in ("last", "best"):
+    if tag == "best":
+        if best["epoch"] < 0:
+            break
+        if ddp:
+            dist.barrier()  # rank 0 has written best.pt
+        raw_model.load_state_dict(safe_load(out / "best.pt")["model"])
+    test = evaluate(raw_model, landmark_net, test_ds, args.batch_size, device, workers=args.workers,
+                    amp=precision == "bf16")
+    epoch_of = args.epochs - 1 if tag == "last" else best["epoch"]
+    results[tag] = dict(epoch=epoch_of, **{k: test[k] for k in ("uar", "war", "recall", "macro_f1", "confusion")})
+    log(f"\ntest, {tag} checkpoint (epoch {epoch_of}): UAR {test['uar']:.4f}  WAR {test['war']:.4f}")
+    log(format_report(test, classes))
+if master:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+finish(0, f"done: {out}")
