@@ -23,6 +23,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger("data")
 
@@ -228,8 +229,9 @@ def list_frames(folder):
     return [os.path.join(folder, n) for n in names]
 
 
-def decode_image(path):
-    """One JPEG or PNG file as uint8 (H, W, 3); grey images are expanded to 3 channels."""
+def decode_image(path, rgb=None):
+    """One JPEG or PNG file as uint8 (H, W, 3); grey images are expanded to 3 channels. `rgb`: a VideoReformatter
+    to reuse for the colour conversion across the frames of a clip."""
     data = Path(path).read_bytes()
     codec = "png" if data.startswith(b"\x89PNG") else "mjpeg"
     if codec == "mjpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
@@ -237,17 +239,17 @@ def decode_image(path):
     frames = av.CodecContext.create(codec, "r").decode(av.Packet(data))
     if not frames:
         raise ClipError(f"{path}: no image could be decoded")
-    return frames[0].to_ndarray(format="rgb24")
+    return (rgb or VideoReformatter()).reformat(frames[0], format="rgb24").to_ndarray()
 
 
 def _read_video(path, pick):
     """Frames pick(num_frames) of a video as uint8 (T, H, W, 3): seek to the key frame before the first one
     and decode only up to the last one, with FFmpeg's threads."""
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream, rgb = container.streams.video[0], VideoReformatter()
         stream.thread_type = "AUTO"
         if not stream.frames or not stream.average_rate:  # no frame count in the header: decode everything
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in container.decode(stream)]
             return np.stack([frames[k] for k in _pick(len(frames), pick, path)])
         wanted = _pick(stream.frames, pick, path)
         start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
@@ -257,7 +259,7 @@ def _read_video(path, pick):
         for frame in container.decode(stream):
             k = round((frame.pts - start) / step)
             if k in wanted:
-                got[k] = frame.to_ndarray(format="rgb24")
+                got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
             if k >= max(wanted):
                 break
     if len(got) < len(set(wanted)):
@@ -290,8 +292,8 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
     path = resolve(media_root, sample.path)
     try:
         if path.is_dir():
-            files = list_frames(path)
-            frames = [decode_image(files[k]) for k in _pick(len(files), pick, f"{path} (frame folder)")]
+            files, rgb = list_frames(path), VideoReformatter()
+            frames = [decode_image(files[k], rgb) for k in _pick(len(files), pick, f"{path} (frame folder)")]
             if len({f.shape for f in frames}) > 1:
                 raise ClipError(f"{path}: frames differ in size: {sorted({f.shape for f in frames})}")
             return np.stack(frames)
@@ -376,9 +378,9 @@ def randaugment(x, aug, rng):
             x = _COLOUR_OPS[name](x, v).clamp(0, 1)
         else:  # filled with the ImageNet mean colour where the frame moved out
             mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-            theta = torch.tensor([_AFFINE_OPS[name](v)], dtype=x.dtype).expand(len(x), 2, 3)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x - mean, grid, align_corners=False) + mean
+            theta = torch.tensor([_AFFINE_OPS[name](v)], dtype=x.dtype)
+            grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)  # (1, H, W, 2), one for all frames
+            x = F.grid_sample(x - mean, grid.expand(len(x), -1, -1, -1), align_corners=False) + mean
     return x
 
 
