@@ -1,6 +1,7 @@
 """data.py decoding, sampling protocols, augmentation, oversampling and the demo dataset round trip."""
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -38,13 +39,26 @@ def test_still_image_dataset_yields_one_frame(tmp_path):
     assert len(ds) == 2 and ds[1]["video"].shape == (3, 1, 16, 16) and ds.view_of(1) == (0, 0, 1)
 
 
-def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_path):
-    frames = np.random.default_rng(0).integers(0, 255, (30, 32, 32, 3), dtype=np.uint8)
-    data._write_video(tmp_path / "v.mp4", frames)
-    full = data.load_clip(Sample("v.mp4", 0), tmp_path)
-    assert full.shape == (30, 32, 32, 3)
+def write_avi(path, frames):
+    """MPEG-4 part 2 in AVI, a key frame every 8 frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25, options={"g": "8"})
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = frames.shape[2], frames.shape[1], "yuv420p", 5_000_000
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("name, write", [("v.mp4", data._write_video), ("v.avi", write_avi)])
+def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_path, name, write):
+    ramp = np.linspace(0, 40, 32)[None, :, None, None] + np.array([30, 50, 70])  # (1, 32, 1, 3) smooth colours
+    frames = (ramp + 4 * np.arange(30)[:, None, None, None]).repeat(32, axis=2).astype(np.uint8)  # (30, 32, 32, 3)
+    write(tmp_path / name, frames)
+    full = data.load_clip(Sample(name, 0), tmp_path)
+    brightness = full.mean((1, 2, 3)) - frames.mean((1, 2, 3))  # frames are 4 levels apart: each in its place
+    assert full.shape == (30, 32, 32, 3) and np.abs(brightness).max() < 1.5
     for picks in ([0, 1, 2], [17, 18, 19, 19], [29], [9, 11, 13]):  # key frames every 8: seeks for all but the first
-        assert np.array_equal(data.load_clip(Sample("v.mp4", 0), tmp_path, lambda n, p=picks: p), full[picks])
+        assert np.array_equal(data.load_clip(Sample(name, 0), tmp_path, lambda n, p=picks: p), full[picks])
 
 
 def test_video_path_falls_back_to_frame_folder(tmp_path):
