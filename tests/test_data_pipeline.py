@@ -1,4 +1,5 @@
 """data.py decoding, sampling protocols, augmentation, oversampling and the demo dataset round trip."""
+import warnings
 from pathlib import Path
 
 import av
@@ -43,7 +44,8 @@ def write_avi(path, frames):
     """MPEG-4 part 2 in AVI, a key frame every 8 frames."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=25, options={"g": "8"})
-        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = frames.shape[2], frames.shape[1], "yuv420p", 5_000_000
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 5_000_000
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))
@@ -196,6 +198,20 @@ def test_demo_feeds_the_model_shapes(demo):
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     assert batch["video"].shape == (4, 3, 16, 112, 112) and batch["video"].dtype == torch.float32
     assert batch["index"].tolist() == [0, 0, 0, 0] and batch["view"].tolist() == [0, 1, 2, 3]
+
+
+def test_demo_batches_run_through_the_model(demo):
+    from landmarks import LandmarkFeatures
+    from model import build_model
+
+    model = build_model("s2d_tiny", num_classes=7, num_frames=8).eval()
+    ds = ClipDataset(data.read_split("demo", demo / "train.csv"), demo, "train", num_frames=8,
+                     image_size=model.cfg.img_size)
+    video = torch.stack([ds[i]["video"] for i in range(2)])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained landmark view warns; shapes are what counts here
+        logits, features = model(video, LandmarkFeatures()(video))
+    assert logits.shape == (2, 7) and features.shape == (2, model.cfg.width) and torch.isfinite(logits).all()
 
 
 def test_demo_clip_is_deterministic_with_landmarks_in_frame():
