@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -739,10 +739,12 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4
         raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    jobs = [(tmp, seed, label, k, f"clips/{name}/{k:04d}" + (".mp4" if k % mp4_every == 1 % mp4_every else ""), size)
+    mp4 = [k % mp4_every == 1 % mp4_every for k in range(per_class)]  # clips 1, 1 + mp4_every, ...; 1: all
+    jobs = [(tmp, seed, label, k, f"clips/{name}/{k:04d}" + (".mp4" if mp4[k] else ""), size)
             for label, name in enumerate(CLASSES["demo"]) for k in range(per_class)]
     try:
-        with ThreadPoolExecutor(1) if workers == 1 else _process_pool(workers) as pool:
+        pool = ThreadPoolExecutor(1) if workers == 1 else ProcessPoolExecutor(workers or min(os.cpu_count() or 1, 8))
+        with pool:
             rows = list(pool.map(_demo_item, jobs))
         test = {i for i, job in enumerate(jobs) if job[3] >= per_class - max(1, per_class // 5)}
         for split, keep in (("test", lambda i: i in test), ("train", lambda i: i not in test)):
@@ -755,11 +757,6 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4
         if not (out / "train.csv").exists():  # else another process finished the same dataset first
             raise
     return out
-
-
-def _process_pool(workers):
-    from concurrent.futures import ProcessPoolExecutor
-    return ProcessPoolExecutor(workers or min(os.cpu_count() or 1, 8))
 
 
 # ---- command line: make-demo, check, bench
@@ -791,8 +788,8 @@ def _problem(sample, media_root):
 
 
 def bench(args):
-    """Clips/s of ClipDataset in train mode (16 frames, 224 px, full augmentation) in this one process:
-    per process (wall clock) and per core (CPU time of all its threads), median and range over repeats."""
+    """Clips/s of ClipDataset in train mode (full augmentation) on generated clips, in this one process with one
+    torch thread: per process (wall clock) and per core (CPU seconds of all its threads), median and range."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo(Path(tmp) / "bench", num_clips=args.clips, seed=0, size=args.size, mp4_every=2, workers=1)
@@ -840,7 +837,8 @@ def main(argv=None):
     if args.command == "make-demo":
         t0 = time.perf_counter()
         out = make_demo(args.out, args.clips, args.seed, args.size, workers=args.workers)
-        print(f"wrote {out} ({args.clips} clips) in {time.perf_counter() - t0:.1f} s")
+        n = {split: len(read_split("demo", out / f"{split}.csv")) for split in ("train", "test")}
+        print(f"wrote {out}: {n['train']} train + {n['test']} test clips in {time.perf_counter() - t0:.1f} s")
         return 0
     return check(args) if args.command == "check" else bench(args) or 0
 
