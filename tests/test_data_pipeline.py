@@ -192,6 +192,13 @@ def test_demo_round_trips_frames_landmarks_and_labels(demo):
         assert np.array_equal(np.load(demo / "landmarks" / name / f"{clip[:4]}.npy"), points)
 
 
+def test_demo_is_the_same_bytes_for_the_same_seed(demo, tmp_path):
+    again = data.make_demo(tmp_path / "demo", num_clips=14, seed=3, workers=2)  # processes this time
+    files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) and len(files) > 14
+    assert all((demo / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
 def test_demo_feeds_the_model_shapes(demo):
     files = data.dataset_files("demo", demo)
     ds = ClipDataset(data.read_split("demo", files.test), files.media_root, "eval", num_frames=16, image_size=112)
