@@ -243,29 +243,29 @@ def decode_image(path, rgb=None):
 
 
 def _read_video(path, pick):
-    """Frames pick(num_frames) of a video as uint8 (T, H, W, 3): seek to the key frame before the first one
-    and decode only up to the last one, with FFmpeg's threads."""
+    """Frames pick(num_frames) of a video as uint8 (T, H, W, 3), decoded with FFmpeg's threads. At a constant frame
+    rate with a frame count in the header: seek to the key frame before the first wanted frame and decode up to the
+    last one; otherwise, or when the timestamps do not match the count, decode the whole video."""
     with av.open(str(path)) as container:
         stream, rgb = container.streams.video[0], VideoReformatter()
         stream.thread_type = "AUTO"
-        if not stream.frames or not stream.average_rate:  # no frame count in the header: decode everything
-            frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in container.decode(stream)]
-            return np.stack([frames[k] for k in _pick(len(frames), pick, path)])
-        wanted = _pick(stream.frames, pick, path)
-        start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
-        if min(wanted) > 0:
-            container.seek(start + int(min(wanted) * step), stream=stream, backward=True)
-        got = {}
-        for frame in container.decode(stream):
-            k = round((frame.pts - start) / step)
-            if k in wanted:
-                got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
-            if k >= max(wanted):
-                break
-    if len(got) < len(set(wanted)):
-        raise ClipError(f"{path}: header says {stream.frames} frames, frames {sorted(set(wanted) - set(got))} "
-                        "could not be decoded")
-    return np.stack([got[k] for k in wanted])
+        if stream.frames and stream.average_rate and stream.average_rate == stream.base_rate:  # constant rate
+            wanted = _pick(stream.frames, pick, path)
+            start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
+            if min(wanted) > 0:
+                container.seek(start + int(min(wanted) * step), stream=stream, backward=True)
+            got, k = {}, None
+            for frame in container.decode(stream):
+                if k is not None and round((frame.pts - start) / step) != k + 1:
+                    break  # not one frame period apart: the frame numbers cannot be trusted
+                k = round((frame.pts - start) / step)
+                if k in wanted:
+                    got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                if k >= max(wanted):
+                    return np.stack([got[k] for k in wanted])
+            container.seek(0)
+        frames = list(container.decode(stream))
+        return np.stack([rgb.reformat(frames[k], format="rgb24").to_ndarray() for k in _pick(len(frames), pick, path)])
 
 
 def _pick(length, pick, path):

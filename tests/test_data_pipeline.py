@@ -1,5 +1,6 @@
 """data.py decoding, sampling protocols, augmentation, oversampling and the demo dataset round trip."""
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -41,7 +42,7 @@ def test_still_image_dataset_yields_one_frame(tmp_path):
 
 
 def write_avi(path, frames):
-    """MPEG-4 part 2 in AVI, a key frame every 8 frames."""
+    """MPEG-4 part 2 in AVI (or Matroska, which keeps no frame count), a key frame every 8 frames."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=25, options={"g": "8"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -51,7 +52,21 @@ def write_avi(path, frames):
         container.mux(stream.encode(None))
 
 
-@pytest.mark.parametrize("name, write", [("v.mp4", data._write_video), ("v.avi", write_avi)])
+def write_vfr(path, frames):
+    """H.264 mp4 at a variable frame rate: 15 frames 20 ms apart, then 60 ms apart."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "8", "crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 100)
+        for k, frame in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            frame.pts, frame.time_base = 2 * min(k, 15) + 6 * max(k - 15, 0), Fraction(1, 100)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("name, write", [("v.mp4", data._write_video), ("v.avi", write_avi), ("v.mkv", write_avi),
+                                         ("vfr.mp4", write_vfr)])
 def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_path, name, write):
     ramp = np.linspace(0, 40, 32)[None, :, None, None] + np.array([30, 50, 70])  # (1, 32, 1, 3) smooth colours
     frames = (ramp + 4 * np.arange(30)[:, None, None, None]).repeat(32, axis=2).astype(np.uint8)  # (30, 32, 32, 3)
@@ -61,6 +76,36 @@ def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_pa
     assert full.shape == (30, 32, 32, 3) and np.abs(brightness).max() < 1.5
     for picks in ([0, 1, 2], [17, 18, 19, 19], [29], [9, 11, 13]):  # key frames every 8: seeks for all but the first
         assert np.array_equal(data.load_clip(Sample(name, 0), tmp_path, lambda n, p=picks: p), full[picks])
+
+
+class CountingContainer:
+    """Wraps an av container and counts the frames that decode() hands out."""
+
+    def __init__(self, container):
+        self.container, self.decoded = container, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def decode(self, *args):
+        for frame in self.container.decode(*args):
+            self.decoded += 1
+            yield frame
+
+
+@pytest.mark.parametrize("name, write, decoded", [("v.mp4", data._write_video, 4), ("v.mkv", write_avi, 30)])
+def test_video_reader_seeks_to_the_key_frame_before_the_window(tmp_path, monkeypatch, name, write, decoded):
+    write(tmp_path / name, np.zeros((30, 16, 16, 3), np.uint8))
+    opened, real_open = [], av.open
+    monkeypatch.setattr(data.av, "open", lambda path: opened.append(CountingContainer(real_open(path))) or opened[-1])
+    data.load_clip(Sample(name, 0), tmp_path, lambda n: [17, 18, 19])
+    assert opened[0].decoded == decoded  # key frames 0, 8, 16, 24: frames 16-19; Matroska has no frame count
 
 
 def test_video_path_falls_back_to_frame_folder(tmp_path):
