@@ -245,7 +245,8 @@ def decode_image(path, rgb=None):
 def _read_video(path, pick):
     """Frames pick(num_frames) of a video as uint8 (T, H, W, 3), decoded with FFmpeg's threads. At a constant frame
     rate with a frame count in the header: seek to the key frame before the first wanted frame and decode up to the
-    last one; otherwise, or when the timestamps do not match the count, decode the whole video."""
+    last one; otherwise, or when the timestamps do not match the count, count the packets and decode from the start
+    up to the last wanted frame."""
     with av.open(str(path)) as container:
         stream, rgb = container.streams.video[0], VideoReformatter()
         stream.thread_type = "AUTO"
@@ -262,10 +263,21 @@ def _read_video(path, pick):
                 if k in wanted:
                     got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
                 if k >= max(wanted):
-                    return np.stack([got[k] for k in wanted])
+                    break
+            if got.keys() >= set(wanted):
+                return np.stack([got[k] for k in wanted])
             container.seek(0)
-        frames = list(container.decode(stream))
-        return np.stack([rgb.reformat(frames[k], format="rgb24").to_ndarray() for k in _pick(len(frames), pick, path)])
+        wanted = _pick(sum(packet.size > 0 for packet in container.demux(stream)), pick, path)  # count packets
+        container.seek(0)
+        got = {}
+        for k, frame in enumerate(container.decode(stream)):
+            if k in wanted:
+                got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
+            if k >= max(wanted):
+                break
+    if not got.keys() >= set(wanted):
+        raise ClipError(f"{path}: frames {sorted(set(wanted) - got.keys())} could not be decoded")
+    return np.stack([got[k] for k in wanted])
 
 
 def _pick(length, pick, path):
