@@ -1,9 +1,9 @@
 """Data for S2D: readers for the six datasets' official split files, PyAV decoding, the paper's clip sampling
 (SPEC.md section 4), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
 
-    python data.py make-demo --out data/demo                      # procedural face videos, FERV39K layout
-    python data.py check --dataset dfew --root /data/DFEW --fold 1  # opens every clip, lists the bad ones
-    python data.py bench --repeats 5                              # clips/s at 16 frames x 224 px, train aug
+    python data.py make-demo --out data/demo                        # procedural face videos, FERV39K layout
+    python data.py check --dataset dfew --root DATA/DFEW --fold 1   # decodes every clip, lists the bad ones
+    python data.py bench                                            # clips/s at 16 frames x 224 px, train aug
 """
 import argparse
 import csv
@@ -832,7 +832,7 @@ def main(argv=None):
     demo.add_argument("--size", type=int, default=128, help="frame size in pixels")
     demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
     chk = sub.add_parser("check", help="read split files and decode every clip")
-    chk.add_argument("--dataset", required=True, choices=sorted(CLASSES))
+    chk.add_argument("--dataset", required=True, choices=sorted(CLASSES), help="which reader and label order")
     chk.add_argument("--root", required=True, help="dataset root in its official layout (README)")
     chk.add_argument("--split", action="append", help="split file (repeatable); default: train and test of --fold")
     chk.add_argument("--fold", type=int, default=1, help="DFEW / MAFW fold, 1-5")
@@ -841,9 +841,9 @@ def main(argv=None):
     chk.add_argument("--workers", type=int, default=4, help="decoding threads")
     ben = sub.add_parser("bench", help="decode + augmentation throughput, frame folders vs mp4")
     ben.add_argument("--clips", type=int, default=28, help="generated clips (half frame folders, half mp4)")
-    ben.add_argument("--frames", type=int, default=16)
-    ben.add_argument("--size", type=int, default=224)
-    ben.add_argument("--repeats", type=int, default=5)
+    ben.add_argument("--frames", type=int, default=16, help="frames per clip")
+    ben.add_argument("--size", type=int, default=224, help="frame size of the generated clips and of the crops")
+    ben.add_argument("--repeats", type=int, default=5, help="passes over the clips; median and range reported")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "make-demo":
