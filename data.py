@@ -358,15 +358,25 @@ def _blend(x, other, factor):  # factor 1 keeps x, 0 gives other
     return (other + (x - other) * factor).clamp(0, 1)
 
 
+def _smooth(x):  # PIL's sharpness filter [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 as two box sums, borders replicated
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    rows = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
+    return (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :] + 4 * x) / 13
+
+
+def _autocontrast(x):  # stretch each frame's channels to [0, 1]
+    low, high = x.flatten(2).aminmax(dim=2)  # (T, 3) each
+    return (x - low[..., None, None]) / (high - low).clamp(min=1e-3)[..., None, None]
+
+
 _COLOUR_OPS = {  # v in [-1, 1]: magnitude / 10 with a random sign
     "brightness": lambda x, v: _blend(x, torch.zeros_like(x), 1 + 0.9 * v),
     "contrast": lambda x, v: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), 1 + 0.9 * v),
     "color": lambda x, v: _blend(x, _gray(x), 1 + 0.9 * v),
-    "sharpness": lambda x, v: _blend(x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), 1 + 0.9 * v),
+    "sharpness": lambda x, v: _blend(x, _smooth(x), 1 + 0.9 * v),
     "posterize": lambda x, v: torch.floor(x * 255 / 2 ** int(4 * abs(v))) * 2 ** int(4 * abs(v)) / 255,
     "solarize": lambda x, v: torch.where(x >= 1 - abs(v), 1 - x, x),
-    "autocontrast": lambda x, v: (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True)
-                                                                       - x.amin((2, 3), keepdim=True)).clamp(min=1e-3),
+    "autocontrast": lambda x, v: _autocontrast(x),
 }
 _AFFINE_OPS = {  # 2 x 3 matrices on normalised coordinates
     "rotate": lambda v: [[math.cos(v * math.pi / 6), -math.sin(v * math.pi / 6), 0],
@@ -412,7 +422,10 @@ def _resize(frames, box, size):
     """Crop uint8 (T, H, W, 3) to box and resize to float (T, 3, size, size) in [0, 1]."""
     top, left, ch, cw = box
     x = torch.from_numpy(frames[:, top:top + ch, left:left + cw]).permute(0, 3, 1, 2).float() / 255
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    if (ch, cw) == (size, size):
+        return x
+    shrink = ch > size or cw > size  # antialiasing only matters when shrinking
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink).clamp(0, 1)
 
 
 def _normalise(x):  # (T, 3, S, S) in [0, 1] -> (3, T, S, S) ImageNet-normalised

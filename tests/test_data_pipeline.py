@@ -179,6 +179,17 @@ def test_each_augmentation_switch_changes_the_clip():
         assert any(changed), option
 
 
+def test_sharpness_filter_and_autocontrast_match_references():
+    x = torch.rand(3, 3, 9, 11)
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]).div(13).view(1, 1, 3, 3)  # PIL's SMOOTH filter
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x.flatten(0, 1)[:, None], (1, 1, 1, 1), mode="replicate"),
+                                     kernel).view_as(x)
+    assert torch.allclose(data._smooth(x), ref, atol=1e-6)
+    stretched = data._autocontrast(0.2 + 0.5 * x)
+    assert torch.allclose(stretched.amin((2, 3)), torch.zeros(3, 3)) and torch.allclose(stretched.amax((2, 3)),
+                                                                                         torch.ones(3, 3))
+
+
 class _FlipRng:
     """Stands in for the numpy generator: draws 0.0, so a p = 0.5 flip always happens."""
 
