@@ -17,7 +17,7 @@ TRAIN = os.path.join(ROOT, "train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # 35 clips: 28 train (7 of them held out for validation) and 7 test; 2 frames, batch 2 -> 10 steps per epoch
 TINY = ["--num-frames", "2", "--batch-size", "2", "--val-fraction", "0.25", "--blr", "2e-4", "--warmup-epochs", "0.5",
-        "--sdl-start", "1", "--sdl-ramp", "0.5"]
+        "--sdl-start", "1", "--sdl-ramp", "0.5", "--augment", "paper"]
 
 pytestmark = pytest.mark.slow
 
