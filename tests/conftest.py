@@ -1,12 +1,15 @@
 """Shared test setup: seed every generator before each test, and locate ../shared/fixtures."""
 import os
 import random
+import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,3 +42,23 @@ def fixture_json():
         return json.loads(path.read_text())
 
     return load
+
+
+@pytest.fixture
+def spawn_ranks():
+    """spawn_ranks(worker, *args, world=2, timeout=150) runs worker(rank, world, port, *args) in `world` spawned
+    processes, which form a gloo group on a free localhost port; the test fails if they take longer than timeout."""
+
+    def run(worker, *args, world=2, timeout=150):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.start_processes(worker, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"{world} gloo ranks running {worker.__name__} did not finish in {timeout} s")
+
+    return run

@@ -5,8 +5,6 @@ import csv
 import dataclasses
 import json
 import shutil
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -174,11 +171,6 @@ def test_unreadable_clip_raises_with_its_path(tmp_path):
         evaluate(MeanPixelModel(7), torch.nn.Identity(), eval_dataset(root), batch_size=2, device="cpu")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _eval_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
@@ -189,18 +181,10 @@ def _eval_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_evaluate_two_gloo_ranks_equals_one(tmp_path):
+def test_evaluate_two_gloo_ranks_equals_one(tmp_path, spawn_ranks):
     make_frames_dataset(tmp_path)
     # 3 clips x 3 views = 9 views: rank 0 takes 5, rank 1 takes 4, and each clip's views are split between ranks
-    ctx = mp.start_processes(
-        _eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank gloo evaluation did not finish in 150 s")
+    spawn_ranks(_eval_worker, str(tmp_path), timeout=150)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     model, lm = tiny_model()
     single = evaluate(model, lm, eval_dataset(tmp_path), batch_size=3, device="cpu")

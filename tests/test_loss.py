@@ -1,15 +1,12 @@
 """SDL (loss.py): soft labels against a per-sample loop, FIFO queues, DDP-identical queues, loss, lambda."""
 
 import json
-import socket
-import time
 from collections import deque
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,11 +168,6 @@ def test_lambda_ramps():
         lambda_at(1, "step")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _local_batches(rank):
     torch.manual_seed(100 + rank)  # every rank sees different samples, and a different number of them
@@ -193,16 +185,8 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_queues_identical_on_two_gloo_ranks(tmp_path):
-    ctx = mp.start_processes(
-        _ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank gloo enqueue did not finish in 120 s")
+def test_queues_identical_on_two_gloo_ranks(tmp_path, spawn_ranks):
+    spawn_ranks(_ddp_worker, str(tmp_path), timeout=120)
     states = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = EmotionAnchors(4, 3, queue_size=5, k=2)
     for b0, b1 in zip(_local_batches(0), _local_batches(1), strict=True):  # the same steps, gathered in rank order
