@@ -239,9 +239,12 @@ def class_names(ckpt, dataset, num_classes):
     return [str(c) for c in range(num_classes)]
 
 
-def views(args, image):
+def views_dataset(args, model, samples, media_root, image):
+    """The eval views of `samples` for `model`: 2 windows x 2 crops by default, 1 x 1 for images."""
     t = args.temporal_views or (1 if image else 2)
-    return t, args.spatial_crops or (1 if image else 2)
+    s = args.spatial_crops or (1 if image else 2)
+    return ClipDataset(samples, media_root, mode="eval", num_frames=model.cfg.num_frames,
+                       image_size=model.cfg.img_size, temporal_views=t, spatial_crops=s, augment=False)
 
 
 def eval_fold(args, fold, device, landmark_net, show):
@@ -249,18 +252,8 @@ def eval_fold(args, fold, device, landmark_net, show):
     model, ckpt = load_model(path, device, show)
     files = dataset_files(args.dataset, args.data_root, fold=fold)
     samples = read_split(args.dataset, files.test)
-    t, s = views(args, args.dataset in IMAGE_DATASETS)
-    ds = ClipDataset(
-        samples,
-        files.media_root,
-        mode="eval",
-        num_frames=model.cfg.num_frames,
-        image_size=model.cfg.img_size,
-        temporal_views=t,
-        spatial_crops=s,
-        augment=False,
-    )
-    show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {t * s} views")
+    ds = views_dataset(args, model, samples, files.media_root, args.dataset in IMAGE_DATASETS)
+    show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {len(ds) // len(samples)} views")
     result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
     show(format_report(result, names) + "\n")
@@ -297,19 +290,9 @@ def predict_video(args, device, landmark_net):
     """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first)."""
     model, ckpt = load_model(args.checkpoint, device)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
-    t, s = views(args, model.cfg.num_frames == 1)
-    ds = ClipDataset(
-        [Sample(path=os.path.abspath(args.video), label=0)],
-        "",
-        mode="eval",
-        num_frames=model.cfg.num_frames,
-        image_size=model.cfg.img_size,
-        temporal_views=t,
-        spatial_crops=s,
-        augment=False,
-    )
+    ds = views_dataset(args, model, [Sample(path=os.path.abspath(args.video), label=0)], "", model.cfg.num_frames == 1)
     probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
-    print(f"{args.video}: {t * s} views averaged")
+    print(f"{args.video}: {len(ds)} views averaged")
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
         print(f"  {name:<16} {p:.4f}")
 
