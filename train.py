@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -285,10 +286,12 @@ def save_checkpoint(names, epoch, step_in_epoch):
                  scaler=scaler.state_dict(), anchors=anchors.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
                  step=step, meter=meter, best=best, rng=rngs, config=dataclasses.asdict(raw_model.cfg),
                  args=vars(args), classes=list(classes), world_size=world)
-    for name in names:
-        tmp = out / f"{name}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, out / name)
+    first = out / f"{names[0]}.tmp"
+    torch.save(state, first)  # serialised once; further names get a copy of the file
+    for name in names[1:]:
+        shutil.copyfile(first, out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)
+    os.replace(first, out / names[0])
 
 
 def new_meter():
