@@ -545,14 +545,15 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
 # ---- demo dataset: procedural faces drawn from 68 landmarks (iBUG layout), numpy only
 # Expression parameters at the apex, as offsets from neutral: brow raise, brow inner end down, brow squeeze,
 # upper lid open, lower lid open, mouth width, smile (corners up), mouth open, upper lip raise, lips thin, nose up.
+# Bold on purpose, like posed expressions: a tiny ViT trained from scratch for a few CPU minutes has to tell them apart.
 _APEX = np.array([
-    [-0.8, 1.4, 1.0, -0.55, -0.3, -0.25, 0.0, 0.0, 0.0, 0.8, 0.0],  # Angry: brows down in a V, narrow eyes, thin lips
-    [-0.6, 0.3, 0.6, -0.45, -0.6, -0.1, -0.7, 0.12, 1.4, 0.0, 1.4],  # Disgust: upper lip and nose up, corners down
-    [1.0, -1.0, 0.7, 1.1, 0.4, 0.35, -0.4, 0.2, 0.0, 0.0, 0.0],  # Fear: brows up and together, wide eyes, stretched
-    [0.1, 0.0, 0.0, -0.2, -0.7, 0.35, 1.4, 0.14, 0.0, 0.0, 0.0],  # Happy: wide open smile, raised cheeks
+    [-1.3, 2.2, 1.6, -0.85, -0.5, -0.4, 0.0, 0.0, 0.0, 1.3, 0.0],  # Angry: brows down in a V, narrow eyes, thin lips
+    [-1.0, 0.5, 1.0, -0.7, -0.95, -0.15, -1.1, 0.2, 2.2, 0.0, 2.2],  # Disgust: upper lip and nose up, corners down
+    [1.6, -1.6, 1.1, 1.75, 0.65, 0.55, -0.65, 0.3, 0.0, 0.0, 0.0],  # Fear: brows up and together, wide eyes, stretched
+    [0.15, 0.0, 0.0, -0.3, -1.0, 0.55, 2.2, 0.22, 0.0, 0.0, 0.0],  # Happy: wide open smile, raised cheeks
     [0.0] * 11,  # Neutral
-    [0.1, -1.4, 0.4, -0.25, 0.0, -0.05, -1.5, 0.0, 0.0, 0.0, 0.0],  # Sad: inner brows up, corners down
-    [1.5, 0.0, 0.0, 1.1, 0.4, -0.4, 0.0, 0.55, 0.0, 0.0, 0.0],  # Surprise: brows high, eyes wide, mouth a tall O
+    [0.15, -2.2, 0.65, -0.4, 0.0, -0.08, -2.4, 0.0, 0.0, 0.0, 0.0],  # Sad: inner brows up, corners down
+    [2.2, 0.0, 0.0, 1.6, 0.6, -0.3, 0.0, 0.75, 0.0, 0.0, 0.0],  # Surprise: brows high, eyes wide, mouth a tall O
 ])
 _EYE = np.array([[-1, 0], [-0.4, -1], [0.4, -1], [1, 0], [0.4, 1], [-0.4, 1]], float)  # corners and lids
 
@@ -697,15 +698,16 @@ def _intensity(n, rng):
 
 def demo_clip(label, rng, size=128):
     """Frames uint8 (T, size, size, 3) and landmarks float32 (T, 68, 2) in pixels of one clip of class `label`:
-    neutral at first, the apex reached by frame 5 and held to the end (16-32 frames)."""
-    idt, n = _identity(rng), int(rng.integers(16, 33))
+    neutral at first, the apex reached by frame 5 and held to the end (16-24 frames)."""
+    idt, n = _identity(rng), int(rng.integers(16, 25))
     intensity = _intensity(n, rng)
-    pose = np.array([size * rng.uniform(0.46, 0.54), size * rng.uniform(0.45, 0.51), rng.uniform(-0.12, 0.12),
-                     rng.uniform(-0.2, 0.2), size * rng.uniform(0.41, 0.46)])  # centre x, y, roll, yaw, px per unit
+    # roughly aligned faces, as a face detector's crops are: small shifts, roll, yaw and scale
+    pose = np.array([size * rng.uniform(0.48, 0.52), size * rng.uniform(0.465, 0.495), rng.uniform(-0.06, 0.06),
+                     rng.uniform(-0.1, 0.1), size * rng.uniform(0.42, 0.45)])  # centre x, y, roll, yaw, px per unit
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    light, bg_dir = rng.uniform(-0.25, 0.25, 2), rng.uniform(-40, 40, 2)
+    light, bg_dir = rng.uniform(-0.08, 0.08, 2), rng.uniform(-15, 15, 2)
     light = (1 + xx * light[0] + yy * light[1]).astype(np.float32)[..., None]  # (S, S, 1) lighting gradient
-    background = np.clip(rng.uniform(20, 235, 3) + (xx * bg_dir[0] + yy * bg_dir[1])[..., None], 0, 255)
+    background = np.clip(rng.uniform(60, 200, 3) + (xx * bg_dir[0] + yy * bg_dir[1])[..., None], 0, 255)
     background = background.astype(np.float32)
     frames, points, jitter = [], [], np.zeros(5)
     for k in range(n):
@@ -756,10 +758,10 @@ def _demo_item(job):
 def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4, workers=None):
     """Write the demo dataset in the FERV39K layout: train.csv / test.csv ('path,id'), frame folders
     clips/<Class>/<nnnn>/<k>.jpg, every mp4_every-th clip as clips/<Class>/<nnnn>.mp4 instead, and the ground-truth
-    landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 350) is split evenly over
+    landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 560) is split evenly over
     the 7 classes, a fifth of each class held out for test. Written into a temporary folder that is renamed at the
     end, so a crash leaves no complete-looking dataset."""
-    out, per_class = Path(out_dir), max(2, (num_clips or 350) // 7)
+    out, per_class = Path(out_dir), max(2, (num_clips or 560) // 7)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -840,7 +842,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("make-demo", help="write the procedural demo dataset")
     demo.add_argument("--out", default="data/demo", help="output folder, must not exist or be empty")
-    demo.add_argument("--clips", type=int, default=350, help="number of clips over the 7 classes (a fifth test)")
+    demo.add_argument("--clips", type=int, default=560, help="number of clips over the 7 classes (a fifth test)")
     demo.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
     demo.add_argument("--size", type=int, default=128, help="frame size in pixels")
     demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")

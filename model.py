@@ -53,7 +53,7 @@ PRESETS = {
     # the paper's model: ViT-B/16 at 224 px
     "s2d_base": dict(img_size=224, patch_size=16, width=768, depth=12, heads=12, adapter_dim=192, tma_heads=8),
     # CPU demos and tests: 112 px with patch 8 keeps the 14 x 14 grid; T-MSA keeps head width 24
-    "s2d_tiny": dict(img_size=112, patch_size=8, width=192, depth=4, heads=3, adapter_dim=48, tma_heads=2),
+    "s2d_tiny": dict(img_size=112, patch_size=8, width=96, depth=4, heads=3, adapter_dim=24, tma_heads=1),
 }
 
 

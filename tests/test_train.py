@@ -17,7 +17,7 @@ TRAIN = os.path.join(ROOT, "train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # 35 clips: 28 train (7 of them held out for validation) and 7 test; 2 frames, batch 2 -> 10 steps per epoch
 TINY = ["--num-frames", "2", "--batch-size", "2", "--val-fraction", "0.25", "--blr", "2e-4", "--warmup-epochs", "0.5",
-        "--sdl-start", "1", "--sdl-ramp", "0.5", "--augment", "paper"]
+        "--sdl-start", "1", "--sdl-ramp", "0.5", "--augment", "paper", "--val-every", "1"]
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +128,13 @@ def test_torchrun_two_processes_match_one_process(demo, tmp_path):
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert (config["world_size"], config["total_batch"]) == (2, 4)
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["last"]["confusion"]
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(demo, tmp_path):
+    train(demo, tmp_path / "run", "--epochs", "3", "--val-every", "2")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_war" in r] == [1, 2]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["best"]["epoch"] in (1, 2)
+    if results["best"]["epoch"] == 2:  # the best is the last model: its test pass is not run twice
+        assert results["best"] == results["last"]
