@@ -58,7 +58,7 @@ RUN_DEFAULTS = {
     "warmup_epochs": (1, 2, 2),
     "sdl_start": (5, -1, 20),  # -1: no SDL. The release starts SDL after epoch 20
     "augment": ("flip", "paper", "paper"),
-    "val_every": (4, 1, 1),  # demo: a validation pass costs about a third of an epoch's training
+    "val_every": (4, 1, 1),  # demo: a validation pass costs about a fifth of an epoch's training
 }
 RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
@@ -445,17 +445,17 @@ for epoch in range(start_epoch, args.epochs):
 # ----------------------------------------------------------------------------- test: last epoch and best on validation
 results = {}
 for tag in ("last", "best"):
+    epoch_of = args.epochs - 1 if tag == "last" else best["epoch"]
     if tag == "best":
         if best["epoch"] < 0:
+            break
+        if epoch_of == args.epochs - 1:  # the model in memory already: neither reload nor test it again
+            log(f"\ntest, best checkpoint (epoch {epoch_of}): the last epoch's model, as above")
+            results["best"] = results["last"]
             break
         if ddp:
             dist.barrier()  # rank 0 has written best.pt
         raw_model.load_state_dict(safe_load(out / "best.pt")["model"])
-    epoch_of = args.epochs - 1 if tag == "last" else best["epoch"]
-    if tag == "best" and epoch_of == args.epochs - 1:
-        log(f"\ntest, best checkpoint (epoch {epoch_of}): the last epoch's model, as above")
-        results["best"] = results["last"]
-        break
     test = evaluate(raw_model, landmark_net, test_ds, args.batch_size, device, workers=args.workers,
                     amp=precision == "bf16")
     results[tag] = dict(epoch=epoch_of, **{k: test[k] for k in ("uar", "war", "recall", "macro_f1", "confusion")})
