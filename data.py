@@ -38,8 +38,8 @@ CLASSES = {
     "affectnet8": ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"),
     "ferplus": ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"),
 }
-CLASSES["demo"] = CLASSES["ferv39k"]
-IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus"}
+CLASSES["demo"] = CLASSES["demo_image"] = CLASSES["ferv39k"]  # demo_image: the demo's apex frames as still images
+IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus", "demo_image"}
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -169,7 +169,8 @@ def _ferplus_majority(votes):
     return top if votes[top] > 0.5 * votes.sum() and top < 8 else None
 
 
-READERS = {"dfew": _read_dfew, "ferv39k": _read_ferv39k, "demo": _read_ferv39k, "mafw": _read_mafw,
+READERS = {"dfew": _read_dfew, "ferv39k": _read_ferv39k, "demo": _read_ferv39k, "demo_image": _read_ferv39k,
+           "mafw": _read_mafw,
            "rafdb": _read_rafdb, "ferplus": _read_ferplus, "affectnet7": lambda path, **_: _read_affectnet(path, 7),
            "affectnet8": lambda path, **_: _read_affectnet(path, 8)}
 
@@ -201,7 +202,7 @@ def dataset_files(dataset, root, fold=1):
     if not 1 <= fold <= 5:
         raise ValueError(f"fold {fold} outside 1..5")
     split = {"dfew": ("EmoLabel_DataSplit/{0}(single-labeled)/{0}_set_%d.csv" % fold, "Clip/clip_224x224"),
-             "ferv39k": ("Annotation/{0}.csv", "."), "demo": ("{0}.csv", "."),
+             "ferv39k": ("Annotation/{0}.csv", "."), "demo": ("{0}.csv", "."), "demo_image": ("stills_{0}.csv", "."),
              "mafw": ("anno/single/no_caption/set_%d/{0}.txt" % fold, "data/clips"),
              "rafdb": ("EmoLabel/list_patition_label.txt#{0}", "Image/aligned"),
              "affectnet7": ("Manually_Annotated_file_lists/{1}.csv", "Manually_Annotated_Images"),
@@ -428,7 +429,7 @@ def _resize(frames, box, size):
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink).clamp(0, 1)
 
 
-def _normalise(x):  # (T, 3, S, S) in [0, 1] -> (3, T, S, S) ImageNet-normalised
+def normalise(x):  # (T, 3, S, S) in [0, 1] -> (3, T, S, S) ImageNet-normalised
     return ((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)).permute(1, 0, 2, 3)
 
 
@@ -439,7 +440,7 @@ def train_view(frames, size, aug, rng):
         x = x.flip(3)
     if aug is not None and aug.randaugment:
         x = randaugment(x, aug, rng)
-    x = _normalise(x)
+    x = normalise(x)
     if aug is not None and rng.random() < aug.erase_p:
         x = random_erase(x, rng)
     return x.contiguous()
@@ -465,7 +466,7 @@ def eval_view(frames, size, crop, crops):
     _, h, w, _ = frames.shape
     side = min(h, w)
     box = (crop_offset(h, side, crop, crops), crop_offset(w, side, crop, crops), side, side)
-    return _normalise(_resize(frames, box, size)).contiguous()
+    return normalise(_resize(frames, box, size)).contiguous()
 
 
 # ---- dataset and sampler
@@ -690,17 +691,23 @@ def _render(p, idt, pose, background, size):
 
 
 def _intensity(n, rng):
-    """Expression intensity of n frames: 0 at first, a smoothstep onset from frame 0 or 1 over 2-3.5 frames, then
-    the apex (0.85-1.1) held from frame 5 on, so that any 8 consecutive frames show it in at least 5."""
-    t = np.clip((np.arange(n) - rng.integers(0, 2)) / rng.uniform(2, 3.5), 0, 1)
-    return rng.uniform(0.85, 1.1) * t * t * (3 - 2 * t)
+    """Expression intensity of n frames and the apex frames: neutral, a smoothstep onset over 2-4 frames, the apex
+    (0.85-1.1) held for 3-6 frames, a smoothstep offset over 2-4 frames, neutral again. The event starts at a random
+    frame (it always fits in the clip), so a frame at a fixed position, the middle one say, can miss it."""
+    onset, hold, offset = (int(v) for v in rng.integers([2, 3, 2], [5, 7, 5]))
+    start = int(rng.integers(0, n - (onset + hold + offset) + 1))
+    k = np.arange(n) - start  # frames since the event began
+    rise = np.clip((k + 1) / (onset + 1), 0, 1)  # reaches 1 at the first apex frame k = onset
+    fall = np.clip((onset + hold + offset - k) / (offset + 1), 0, 1)  # leaves 1 after the last apex frame
+    t = np.minimum(rise, fall)
+    return rng.uniform(0.85, 1.1) * t * t * (3 - 2 * t), np.arange(start + onset, start + onset + hold)
 
 
-def demo_clip(label, rng, size=128):
-    """Frames uint8 (T, size, size, 3) and landmarks float32 (T, 68, 2) in pixels of one clip of class `label`:
-    neutral at first, the apex reached by frame 5 and held to the end (16-24 frames)."""
-    idt, n = _identity(rng), int(rng.integers(16, 25))
-    intensity = _intensity(n, rng)
+def demo_clip(label, rng, size=112):
+    """One clip of class `label`: frames uint8 (T, size, size, 3), landmarks float32 (T, 68, 2) in pixels and the
+    indices of its apex frames. 16-18 frames, neutral before and after an expression event (see _intensity)."""
+    idt, n = _identity(rng), int(rng.integers(16, 19))
+    intensity, apex = _intensity(n, rng)
     # roughly aligned faces, as a face detector's crops are: small shifts, roll, yaw and scale
     pose = np.array([size * rng.uniform(0.48, 0.52), size * rng.uniform(0.465, 0.495), rng.uniform(-0.06, 0.06),
                      rng.uniform(-0.1, 0.1), size * rng.uniform(0.42, 0.45)])  # centre x, y, roll, yaw, px per unit
@@ -718,7 +725,7 @@ def demo_clip(label, rng, size=128):
         img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 3)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
         points.append(_project(p, pose + jitter))
-    return np.stack(frames), np.stack(points).astype(np.float32)
+    return np.stack(frames), np.stack(points).astype(np.float32), apex
 
 
 def _write_frames(folder, frames):
@@ -745,23 +752,31 @@ def _write_video(path, frames, fps=25):
 
 
 def _demo_item(job):
-    """Render and write one demo clip; returns its split row."""
+    """Render and write one demo clip; returns its split row and, for a frame folder, its still-image rows."""
     out, seed, label, k, rel, size = job
-    frames, points = demo_clip(label, np.random.default_rng([seed, label, k]), size)
+    frames, points, apex = demo_clip(label, np.random.default_rng([seed, label, k]), size)
     (_write_video if rel.endswith(".mp4") else _write_frames)(out / rel, frames)
     landmarks = out / "landmarks" / Path(rel).relative_to("clips").with_suffix(".npy")
     landmarks.parent.mkdir(parents=True, exist_ok=True)
     np.save(landmarks, points)
-    return f"{rel},{label}"
+    middle = apex[max(0, len(apex) // 2 - 1): len(apex) // 2 + 2]  # up to 3 frames around the apex's middle
+    stills = [] if rel.endswith(".mp4") else [f"{rel}/{f + 1}.jpg,{label}" for f in middle]
+    return f"{rel},{label}", stills
 
 
-def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4, workers=None):
+def demo_points(root, sample):
+    """Ground-truth landmarks (T, 68, 2), in pixels, of a demo clip: landmarks/<Class>/<nnnn>.npy under root."""
+    return np.load(Path(root, "landmarks", Path(sample.path).relative_to("clips").with_suffix(".npy")))
+
+
+def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=112, mp4_every=4, workers=None):
     """Write the demo dataset in the FERV39K layout: train.csv / test.csv ('path,id'), frame folders
     clips/<Class>/<nnnn>/<k>.jpg, every mp4_every-th clip as clips/<Class>/<nnnn>.mp4 instead, and the ground-truth
-    landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 560) is split evenly over
-    the 7 classes, a fifth of each class held out for test. Written into a temporary folder that is renamed at the
-    end, so a crash leaves no complete-looking dataset."""
-    out, per_class = Path(out_dir), max(2, (num_clips or 560) // 7)
+    landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 490) is split evenly over
+    the 7 classes, a fifth of each class held out for test. stills_train.csv / stills_test.csv list up to three apex
+    frames of every frame-folder clip as still images (the image stage's data, a miniature AffectNet). Written into
+    a temporary folder that is renamed at the end, so a crash leaves no complete-looking dataset."""
+    out, per_class = Path(out_dir), max(2, (num_clips or 490) // 7)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -772,10 +787,13 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=128, mp4_every=4
     try:
         pool = ThreadPoolExecutor(1) if workers == 1 else ProcessPoolExecutor(workers or min(os.cpu_count() or 1, 8))
         with pool:
-            rows = list(pool.map(_demo_item, jobs))
+            items = list(pool.map(_demo_item, jobs))
         test = {i for i, job in enumerate(jobs) if job[3] >= per_class - max(1, per_class // 5)}
         for split, keep in (("test", lambda i: i in test), ("train", lambda i: i not in test)):
-            (tmp / f"{split}.csv").write_text("path,id\n" + "".join(r + "\n" for i, r in enumerate(rows) if keep(i)))
+            rows = [row for i, (row, _) in enumerate(items) if keep(i)]
+            stills = [row for i, (_, rows) in enumerate(items) if keep(i) for row in rows]
+            (tmp / f"{split}.csv").write_text("path,id\n" + "".join(r + "\n" for r in rows))
+            (tmp / f"stills_{split}.csv").write_text("path,id\n" + "".join(r + "\n" for r in stills))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -842,9 +860,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("make-demo", help="write the procedural demo dataset")
     demo.add_argument("--out", default="data/demo", help="output folder, must not exist or be empty")
-    demo.add_argument("--clips", type=int, default=560, help="number of clips over the 7 classes (a fifth test)")
+    demo.add_argument("--clips", type=int, default=490, help="number of clips over the 7 classes (a fifth test)")
     demo.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
-    demo.add_argument("--size", type=int, default=128, help="frame size in pixels")
+    demo.add_argument("--size", type=int, default=112, help="frame size in pixels")
     demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
     chk = sub.add_parser("check", help="read split files and decode every clip")
     chk.add_argument("--dataset", required=True, choices=sorted(CLASSES), help="which reader and label order")

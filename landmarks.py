@@ -1,4 +1,4 @@
-"""The landmark view of S2D: a frozen MobileFaceNet 68-point face landmark detector (SPEC.md section 1).
+"""The landmark view of S2D: a frozen MobileFaceNet 68-point face landmark detector (paper Sec. III-B2).
 
 Every frame of a clip is resized to 112 x 112 and run through MobileFaceNet up to stage conv_4; that stage's
 output, 128 channels on a 14 x 14 grid, is the *landmark-aware feature* that S2D fuses with the ViT tokens.
@@ -14,6 +14,7 @@ Check a checkpoint on a few face crops (an image file or a folder of frames, dec
     python landmarks.py --weights mobilefacenet_model_best.pth.tar --video path/to/frames
 """
 import argparse
+import math
 import warnings
 from pathlib import Path
 
@@ -21,13 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from model import safe_load
 
 INPUT_SIZE = 112  # the detector's input side; conv_4 then sits at stride 8: 14 x 14
 NUM_POINTS = 68
 RANDOM_INIT_SEED = 20240117  # fixed, so that every process builds the same untrained detector
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _warned_untrained = False  # the untrained-detector warning is given once per process
 
 
@@ -86,39 +86,69 @@ class GDC(nn.Module):
         return self.bn(self.linear(x))
 
 
-class LandmarkFeatures(nn.Module):
-    """Frozen MobileFaceNet (1,007,248 parameters) giving conv_4 features and, on request, 68 landmarks.
+PRESETS = {
+    # the public checkpoint mobilefacenet_model_best.pth.tar: 1,007,248 parameters, conv_4 = 128 x 14 x 14
+    "mobilefacenet": dict(width=64, feature_width=128, head_width=512, blocks=(4, 6, 2)),
+    # the demo's landmark view, trained by `train.py --stage landmarks`: the same layers, narrower and shallower
+    "mobilefacenet_tiny": dict(width=16, feature_width=32, head_width=128, blocks=(1, 2, 1)),
+}
+
+
+class MobileFaceNet(nn.Module):
+    """The 68-point landmark regressor. Stride 2 at conv1, conv_23, conv_34, conv_45: 112 -> 56 -> 28 -> 14 -> 7.
+    Widths and block counts come from PRESETS; the layer names are those of the public checkpoint."""
+
+    def __init__(self, width=64, feature_width=128, head_width=512, blocks=(4, 6, 2)):
+        super().__init__()
+        c, f = width, feature_width
+        self.conv1 = ConvBlock(3, c, kernel=3, stride=2)
+        self.conv2_dw = ConvBlock(c, c, kernel=3, groups=c)
+        self.conv_23 = DepthWise(c, c, groups=2 * c, stride=2)
+        self.conv_3 = Residual(c, num_block=blocks[0], groups=2 * c)
+        self.conv_34 = DepthWise(c, f, groups=2 * f, stride=2)
+        self.conv_4 = Residual(f, num_block=blocks[1], groups=2 * f)  # the landmark-aware feature
+        self.conv_45 = DepthWise(f, f, groups=4 * f, stride=2)
+        self.conv_5 = Residual(f, num_block=blocks[2], groups=2 * f)
+        self.conv_6_sep = ConvBlock(f, head_width)
+        self.output_layer = GDC(head_width, 2 * NUM_POINTS)
+        self.feature_width = f
+
+    def features(self, frames):  # (N, 3, 112, 112) -> conv_4 output (N, C, 14, 14)
+        x = self.conv_3(self.conv_23(self.conv2_dw(self.conv1(frames))))  # (N, width, 28, 28)
+        return self.conv_4(self.conv_34(x))
+
+    def points(self, feats):  # conv_4 output (N, C, 14, 14) -> (N, 68, 2), (x, y) in [0, 1] of the frame
+        x = self.conv_6_sep(self.conv_5(self.conv_45(feats)))  # (N, head_width, 7, 7)
+        return self.output_layer(x).reshape(-1, NUM_POINTS, 2)  # (N, 136) -> (N, 68, 2)
+
+    def forward(self, frames):
+        feats = self.features(frames)
+        return feats, self.points(feats)
+
+
+class LandmarkFeatures(MobileFaceNet):
+    """Frozen MobileFaceNet giving conv_4 features and, on request, 68 landmarks, for every frame of a clip.
 
     The module is always in eval mode: `.train()` leaves it in eval, so BatchNorm keeps its running statistics,
-    and no parameter requires grad. With `weights=None` the detector is untrained: it warns once per process,
-    and its weights are drawn from a generator seeded with RANDOM_INIT_SEED (the global RNG is left untouched),
-    so every process - training, evaluation - builds the very same random detector and sees the same features.
+    and no parameter requires grad. `weights`: the public checkpoint (the full preset) or one written by
+    `train.py --stage landmarks` (which records its preset). With `weights=None` the detector of `preset` is
+    untrained: it warns once per process, and its weights are drawn from a generator seeded with RANDOM_INIT_SEED
+    (the global RNG is left untouched), so every process builds the very same random detector.
+    Frames run in channels-last memory order, which is about twice as fast on CPU for the depthwise layers.
     """
 
-    def __init__(self, weights=None):
-        super().__init__()
+    def __init__(self, weights=None, preset="mobilefacenet"):
+        sd, config = read_landmark_checkpoint(weights) if weights is not None else (None, PRESETS[preset])
         with torch.random.fork_rng(devices=[]):  # building the layers must not consume the caller's RNG
-            self._build()
-        if weights is None:
+            super().__init__(**config)
+        if sd is None:
             _warn_untrained()
             self._random_init(RANDOM_INIT_SEED)
         else:
-            self.load_state_dict(load_landmark_state_dict(weights, self.state_dict()))
+            self.load_state_dict(check_landmark_state_dict(weights, sd, self.state_dict()))
         self.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
         super().train(False)
-
-    def _build(self):
-        # Stride 2 at conv1, conv_23, conv_34, conv_45: 112 -> 56 -> 28 -> 14 -> 7.
-        self.conv1 = ConvBlock(3, 64, kernel=3, stride=2)
-        self.conv2_dw = ConvBlock(64, 64, kernel=3, groups=64)
-        self.conv_23 = DepthWise(64, 64, groups=128, stride=2)
-        self.conv_3 = Residual(64, num_block=4, groups=128)
-        self.conv_34 = DepthWise(64, 128, groups=256, stride=2)
-        self.conv_4 = Residual(128, num_block=6, groups=256)  # the landmark-aware feature
-        self.conv_45 = DepthWise(128, 128, groups=512, stride=2)
-        self.conv_5 = Residual(128, num_block=2, groups=256)
-        self.conv_6_sep = ConvBlock(128, 512)
-        self.output_layer = GDC(512, 2 * NUM_POINTS)
 
     @torch.no_grad()
     def _random_init(self, seed):
@@ -134,14 +164,15 @@ class LandmarkFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, video, return_points=False):
-        """video (B, 3, T, H, W), ImageNet-normalised -> features (B, T, 128, 14, 14) [, points (B, T, 68, 2)].
+        """video (B, 3, T, H, W), ImageNet-normalised -> features (B, T, C, 14, 14) [, points (B, T, 68, 2)].
 
         Points are (x, y) pairs in the order the head emits them (x0, y0, x1, y1, ...), in coordinates normalised
         to [0, 1] over the 112 x 112 crop, i.e. over the input frame (0 = left/top edge, 1 = right/bottom edge).
-        This convention is assumed from the public detector's demo code (it maps a point back to the image as
-        crop_corner + point * crop_size); it is not stored in the checkpoint, and with random weights the
-        points are meaningless. Input: RGB, ImageNet mean/std, as SPEC.md says; the public demo we read (another
-        backbone) used the same mean/std but OpenCV's BGR channel order, so the channel order is unconfirmed.
+        For the public checkpoint this convention is assumed from the public detector's demo code (it maps a point
+        back to the image as crop_corner + point * crop_size); it is not stored in the checkpoint. The detectors
+        that `train.py --stage landmarks` trains use it by construction. With random weights the points are
+        meaningless. Input: RGB, ImageNet mean/std; for the public checkpoint the channel order is unconfirmed (the
+        public demo we read, of another backbone, used OpenCV's BGR).
         """
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"LandmarkFeatures expects a video of shape (B, 3, T, H, W), got {tuple(video.shape)}")
@@ -149,14 +180,11 @@ class LandmarkFeatures(nn.Module):
         frames = video.transpose(1, 2).reshape(B * T, 3, H, W)  # (B, 3, T, H, W) -> (B*T, 3, H, W)
         if (H, W) != (INPUT_SIZE, INPUT_SIZE):
             frames = F.interpolate(frames, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=True)
-        x = self.conv_3(self.conv_23(self.conv2_dw(self.conv1(frames))))  # (B*T, 64, 28, 28)
-        x = self.conv_4(self.conv_34(x))  # (B*T, 128, 14, 14)
-        feats = x.reshape(B, T, *x.shape[1:])  # (B*T, 128, 14, 14) -> (B, T, 128, 14, 14)
+        x = self.features(frames.contiguous(memory_format=torch.channels_last))  # (B*T, C, 14, 14)
+        feats = x.contiguous().reshape(B, T, *x.shape[1:])  # (B*T, C, 14, 14) -> (B, T, C, 14, 14)
         if not return_points:
             return feats
-        x = self.conv_6_sep(self.conv_5(self.conv_45(x)))  # (B*T, 512, 7, 7)
-        points = self.output_layer(x).reshape(B, T, NUM_POINTS, 2)  # (B*T, 136) -> (B, T, 68, 2)
-        return feats, points
+        return feats, self.points(x).reshape(B, T, NUM_POINTS, 2)
 
 
 def _warn_untrained():
@@ -173,14 +201,22 @@ def _warn_untrained():
     )
 
 
-def load_landmark_state_dict(path, reference):
-    """Read a MobileFaceNet checkpoint ({'state_dict': sd} or a bare sd, 'module.' prefixes stripped) and check
-    its names and shapes against `reference` (our own state dict), naming the file and every mismatch."""
+def read_landmark_checkpoint(path):
+    """A MobileFaceNet checkpoint -> (state dict, preset config). Accepts {'state_dict': sd} (the public file, and
+    ours, which adds 'config') or a bare sd; 'module.' prefixes are stripped. Without 'config': the full preset."""
     obj = safe_load(path)  # weights_only: a checkpoint that carries code is refused
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or a dict with key 'state_dict', got {type(sd).__name__}")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    config = obj.get("config", PRESETS["mobilefacenet"]) if "state_dict" in obj else PRESETS["mobilefacenet"]
+    if set(config) != set(PRESETS["mobilefacenet"]):
+        raise ValueError(f"{path}: 'config' must have the keys {sorted(PRESETS['mobilefacenet'])}, found {config}")
+    return {k.removeprefix("module."): v for k, v in sd.items()}, dict(config)
+
+
+def check_landmark_state_dict(path, sd, reference):
+    """Check a checkpoint's names and shapes against `reference` (our own state dict), naming the file and every
+    mismatch; returns sd."""
     missing = sorted(reference.keys() - sd.keys())
     unexpected = sorted(sd.keys() - reference.keys())
     if missing or unexpected:
@@ -195,22 +231,82 @@ def load_landmark_state_dict(path, reference):
 
 
 def read_frames(path):
-    """An image file or a folder of images (sorted by name) -> (1, 3, T, H, W), ImageNet-normalised."""
-    import av
-    import numpy as np
-
+    """An image file or a folder of frames (natural order, data.py's reader) -> (1, 3, T, H, W), ImageNet-normalised."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    frames = []
-    for file in files:
-        with av.open(str(file)) as container:
-            rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")  # (H, W, 3) uint8
-        frames.append(torch.from_numpy(np.ascontiguousarray(rgb)))
-    if len({f.shape for f in frames}) != 1:
-        raise ValueError(f"{path}: frames differ in size: {sorted({tuple(f.shape) for f in frames})}")
-    video = torch.stack(frames).permute(3, 0, 1, 2).float() / 255  # (T, H, W, 3) -> (3, T, H, W) in [0, 1]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    return ((video - mean) / std).unsqueeze(0)
+    frames = data.load_clip(data.Sample(path.name, 0), path.parent)  # uint8 (T, H, W, 3)
+    return data.normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------- training on ground-truth points
+def nme(pred, target):
+    """Normalised mean error of (N, 68, 2) points: the mean point-to-point distance divided by the inter-ocular
+    distance (between the outer eye corners, points 36 and 45 of the iBUG 68-point layout), averaged over frames."""
+    inter_ocular = (target[:, 45] - target[:, 36]).norm(dim=-1)  # (N,)
+    return ((pred - target).norm(dim=-1).mean(-1) / inter_ocular).mean().item()
+
+
+def frames_and_points(clips):
+    """[(uint8 frames (T, H, W, 3), points (T, 68, 2) in pixels)] -> frames (N, 3, 112, 112) uint8 and points
+    (N, 68, 2) normalised to [0, 1] of the frame, over all frames of all clips."""
+    frames, points = [], []
+    for video, pts in clips:
+        if len(video) != len(pts):
+            raise ValueError(f"a clip has {len(video)} frames but {len(pts)} sets of points")
+        x = torch.from_numpy(video).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        size = torch.tensor([x.shape[3], x.shape[2]], dtype=torch.float32)  # (W, H)
+        if x.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x.float(), (INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        frames.append(x)
+        points.append(torch.as_tensor(pts, dtype=torch.float32) / size)
+    return torch.cat(frames), torch.cat(points)
+
+
+def _to_input(frames):  # uint8 (N, 3, 112, 112) -> ImageNet-normalised float, channels last
+    x = data.normalise(frames.float() / 255).transpose(0, 1)  # normalise works on (T, 3, S, S) -> (3, T, S, S)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict_points(net, frames, batch_size=256):
+    """uint8 frames (N, 3, 112, 112) -> points (N, 68, 2) from a MobileFaceNet in eval mode."""
+    net.eval()
+    return torch.cat([net(_to_input(frames[i:i + batch_size]))[1] for i in range(0, len(frames), batch_size)])
+
+
+def train_landmarks(train, test, preset="mobilefacenet_tiny", epochs=6, batch_size=32, lr=3e-3, seed=0, log=print):
+    """Train a MobileFaceNet of `preset` to regress 68 points, L1 loss on [0, 1] coordinates, AdamW with a warm-up over
+    a tenth of the steps and a cosine decay. train, test: (frames, points) from frames_and_points. The last layer (BatchNorm1d)
+    starts at the training set's mean face, so the first steps refine a face instead of finding one. Returns the
+    checkpoint (the public file's format plus 'config') and the per-epoch log; NME as in `nme`."""
+    torch.manual_seed(seed)
+    net = MobileFaceNet(**PRESETS[preset]).to(memory_format=torch.channels_last)
+    (frames, points), gen = train, torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # BatchNorm1d(136) output = the mean face, spread like the faces
+        net.output_layer.bn.bias.copy_(points.flatten(1).mean(0))
+        net.output_layer.bn.weight.copy_(points.flatten(1).std(0))
+    steps = epochs * (len(frames) // batch_size)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over a tenth of the steps, then cosine to 0
+        optimizer, lambda k: min((k + 1) / warmup, 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup)))))
+    history = []
+    for epoch in range(epochs):
+        net.train()
+        order, total = torch.randperm(len(frames), generator=gen), 0.0
+        for i in range(len(frames) // batch_size):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.l1_loss(net(_to_input(frames[idx]))[1], points[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        history.append(dict(epoch=epoch, loss=total / max(1, len(frames) // batch_size),
+                            test_nme=nme(predict_points(net, test[0]), test[1])))
+        log(f"landmarks epoch {epoch}: L1 loss {history[-1]['loss']:.4f}, held-out NME {history[-1]['test_nme']:.4f}")
+    checkpoint = dict(state_dict=net.state_dict(), config=PRESETS[preset], preset=preset, nme=history[-1]["test_nme"])
+    return checkpoint, history
 
 
 def main(argv=None):

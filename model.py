@@ -30,6 +30,7 @@ class S2DConfig:
     num_classes: int = 7
     num_frames: int = 16
     video: bool = True  # True: DFER model (MCP + TMA + temporal embedding); False: SFER image model (MCP only)
+    mcp: bool = True  # False: no landmark view and no MCP prompts (a plain ViT, or ViT + TMA; for ablations)
     landmark_channels: int = 128  # MobileFaceNet conv_4 features, (128, 14, 14)
     prompt_dim: int = 8  # MCP's down-projection width
     adapter_dim: int = 192  # TMA bottleneck: width * 0.25
@@ -156,12 +157,14 @@ class S2D(nn.Module):
         self.cfg = cfg
         C, L = cfg.width, cfg.depth
         self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, stride=cfg.patch_size)
-        self.landmark_embed = nn.Conv2d(cfg.landmark_channels, C, 1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid**2 + 1, C))
-        self.mcp = nn.ModuleList(MCP(C, cfg.prompt_dim, cfg.fovea_init) for _ in range(L))
-        # norm_0 .. norm_{L-2}; the released model's norm_{L-1} is never used and is left out here
-        self.prompt_norms = nn.ModuleList(nn.LayerNorm(C, eps=1e-6) for _ in range(L - 1))
+        if cfg.mcp:
+            self.landmark_embed = nn.Conv2d(cfg.landmark_channels, C, 1)
+            self.mcp = nn.ModuleList(MCP(C, cfg.prompt_dim, cfg.fovea_init) for _ in range(L))
+        if cfg.mcp or cfg.video:  # the inputs of MCP_i and TMA_i
+            # norm_0 .. norm_{L-2}; the released model's norm_{L-1} is never used and is left out here
+            self.prompt_norms = nn.ModuleList(nn.LayerNorm(C, eps=1e-6) for _ in range(L - 1))
         if cfg.video:
             self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, 1, C))
             self.tma = nn.ModuleList(TMA(C, cfg.adapter_dim, cfg.tma_heads) for _ in range(L))
@@ -182,7 +185,7 @@ class S2D(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for mcp in self.mcp:  # the release's MCP 1x1 convolutions: xavier-uniform
+        for mcp in self.mcp if self.cfg.mcp else ():  # the release's MCP 1x1 convolutions: xavier-uniform
             for lin in (mcp.down_x, mcp.down_a, mcp.up):
                 nn.init.xavier_uniform_(lin.weight)
         for p in (self.cls_token, self.pos_embed) + ((self.temporal_embed,) if self.cfg.video else ()):
@@ -199,34 +202,43 @@ class S2D(nn.Module):
         if T is None or video.shape[1] != 3 or tuple(video.shape[3:]) != (S, S) or T != want_T:
             raise ValueError(f"video: expected shape (B, 3, {want_T or 'T'}, {S}, {S}), got {tuple(video.shape)}")
         want = (video.shape[0], T, cfg.landmark_channels, G, G)
-        if tuple(landmarks.shape) != want:
-            raise ValueError(f"landmarks: expected shape {want} (B, T, C, grid, grid), got {tuple(landmarks.shape)}")
+        if not cfg.mcp:
+            if landmarks is not None:
+                raise ValueError("landmarks: this model has no MCP (mcp=False); pass landmarks=None")
+        elif landmarks is None or tuple(landmarks.shape) != want:
+            found = None if landmarks is None else tuple(landmarks.shape)
+            raise ValueError(f"landmarks: expected shape {want} (B, T, C, grid, grid), got {found}")
 
     def _prompt_layer(self, i, patches, x_in, a_in, T, gate, attention):
         """Layer i's MCP_i and TMA_i, and their residual injection into the patch tokens."""
-        P = self.mcp[i](x_in, a_in, gate)  # guiding prompt P_i, (B*T, N, C)
+        P = self.mcp[i](x_in, a_in, gate) if self.cfg.mcp else 0  # guiding prompt P_i, (B*T, N, C)
         M = self.tma[i](x_in, T, attention) if self.tma_enabled else 0  # temporal tokens M_i, (B*T, N, C)
         return patches + P + M, P  # Eq. (1): X'_i = X_{i-1} + P_{i-1} + M_{i-1}
 
     def forward(self, video, landmarks):
-        """video (B, 3, T, H, W), landmarks (B, T, 128, 14, 14) -> logits (B, classes), features (B, C)."""
+        """video (B, 3, T, H, W), landmarks (B, T, 128, 14, 14) or None without MCP -> logits (B, classes),
+        features (B, C)."""
         self._check_inputs(video, landmarks)
         B, _, T, S, _ = video.shape
         gate, attention = self._kernels(video.device)
         frames = video.transpose(1, 2).reshape(B * T, 3, S, S)  # (B*T, 3, S, S)
         X = self.patch_embed(frames).flatten(2).transpose(1, 2)  # image tokens (B*T, N, C)
-        lm = landmarks.reshape(B * T, *landmarks.shape[2:]).to(X.dtype)  # (B*T, 128, 14, 14)
-        Lt = self.landmark_embed(lm).flatten(2).transpose(1, 2)  # landmark tokens (B*T, N, C)
-
-        norm0 = self.prompt_norms[0]
-        X, P = self._prompt_layer(0, X, norm0(X), norm0(Lt), T, gate, attention)  # layer 0, before CLS and pos
+        prompts = self.cfg.mcp or self.tma_enabled  # without either, the backbone is a plain ViT
+        if prompts:
+            norm0 = self.prompt_norms[0]
+            Lt = P = None  # landmark tokens and the prompt chain exist only with MCP
+            if self.cfg.mcp:
+                lm = landmarks.reshape(B * T, *landmarks.shape[2:]).to(X.dtype)  # (B*T, 128, 14, 14)
+                Lt = norm0(self.landmark_embed(lm).flatten(2).transpose(1, 2))  # landmark tokens (B*T, N, C)
+            X, P = self._prompt_layer(0, X, norm0(X), Lt, T, gate, attention)  # layer 0, before CLS and pos
         x = torch.cat([self.cls_token.expand(B * T, -1, -1), X], dim=1) + self.pos_embed  # (B*T, N+1, C)
         if self.cfg.video:
             x = (x.reshape(B, T, *x.shape[1:]) + self.temporal_embed).reshape(B * T, *x.shape[1:])
         for i, block in enumerate(self.blocks):
-            if i > 0:  # x-branch through norm_{i-1}; the landmark stream is the previous prompt, through norm_0
+            if i > 0 and prompts:  # x-branch through norm_{i-1}; the landmark stream: the previous prompt, norm_0
                 patches, x_in = x[:, 1:], self.prompt_norms[i - 1](x[:, 1:])
-                patches, P = self._prompt_layer(i, patches, x_in, norm0(P), T, gate, attention)
+                a_in = norm0(P) if self.cfg.mcp else None
+                patches, P = self._prompt_layer(i, patches, x_in, a_in, T, gate, attention)
                 x = torch.cat([x[:, :1], patches], dim=1)  # the CLS token is untouched
             x = block(x)  # Eq. (2): X_i = Layer_i(X'_i)
 
@@ -436,6 +448,9 @@ def config_from_state_dict(sd) -> S2DConfig:
     cfg = dict(width=C, patch_size=p, depth=depth, img_size=p * math.isqrt(sd["pos_embed"].shape[1] - 1),
                heads=max(1, C // 64), video="temporal_embed" in sd or any(k.startswith("tma.") for k in sd))
     cfg["num_frames"] = sd["temporal_embed"].shape[1] if "temporal_embed" in sd else 1
+    cfg["mcp"] = "landmark_embed.weight" in sd
+    if cfg["mcp"]:
+        cfg["landmark_channels"] = sd["landmark_embed.weight"].shape[1]
     if "head.weight" in sd:
         cfg["num_classes"] = sd["head.weight"].shape[0]
     if "tma.0.t_down.weight" in sd:

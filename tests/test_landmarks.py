@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import data
 import landmarks
 from landmarks import LandmarkFeatures
 
@@ -181,7 +182,7 @@ def test_read_frames_and_cli(tmp_path, capsys):
     for t, image in enumerate(rgb):
         write_png(tmp_path / f"{t:03d}.png", image)
     video = landmarks.read_frames(tmp_path)  # (1, 3, T, H, W)
-    mean, std = torch.tensor(landmarks.IMAGENET_MEAN), torch.tensor(landmarks.IMAGENET_STD)
+    mean, std = torch.tensor(data.MEAN), torch.tensor(data.STD)
     pixels = (video[0].permute(1, 2, 3, 0) * std + mean) * 255  # (T, H, W, 3)
     torch.testing.assert_close(pixels, torch.from_numpy(np.stack(rgb)).float(), rtol=0, atol=1e-3)
     with warnings.catch_warnings():
