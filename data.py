@@ -469,6 +469,14 @@ def eval_view(frames, size, crop, crops):
     return normalise(_resize(frames, box, size)).contiguous()
 
 
+def eval_views(dataset):
+    """Evaluation views per clip: 2 temporal windows x 2 spatial crops (paper Sec. IV-B), 1 x 1 for still images.
+    The demo's frames are square at the model's input size, so its 2 spatial crops would coincide: 1 crop."""
+    if dataset in IMAGE_DATASETS:
+        return dict(temporal_views=1, spatial_crops=1)
+    return dict(temporal_views=2, spatial_crops=1 if dataset == "demo" else 2)
+
+
 # ---- dataset and sampler
 class ClipDataset(torch.utils.data.Dataset):
     """Model-ready clips. mode='train': one augmented clip per sample, a clip that fails to decode is logged and

@@ -12,16 +12,22 @@ the per-view probabilities are gathered, and every rank computes the same metric
 
 import argparse
 import csv
+import json
 import os
 import statistics
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data import CLASSES, IMAGE_DATASETS, ClipDataset, Sample, dataset_files, read_split
+import av
+import numpy as np
+
+import data
+from data import CLASSES, ClipDataset, Sample, dataset_files, read_split
 from landmarks import LandmarkFeatures
 from model import S2D, S2DConfig, config_from_state_dict, load_checkpoint, safe_load
 
@@ -108,7 +114,7 @@ def _view_probs(model, landmark_net, dataset, indices, batch_size, device, worke
     for batch in loader:
         video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
         with autocast:
-            logits, _ = model(video, landmark_net(video))
+            logits, _ = model(video, landmark_net(video) if landmark_net is not None else None)
         probs = logits.float().softmax(-1).cpu()  # (B, classes)
         rows += zip(
             batch["index"].tolist(), batch["view"].tolist(), batch["label"].tolist(), probs.tolist(), strict=True
@@ -141,7 +147,6 @@ def evaluate(model, landmark_net, dataset, batch_size, device, workers=0, amp=Fa
     net = model.module if isinstance(model, DistributedDataParallel) else model  # no DDP syncs in eval
     was_training = net.training
     net.eval()
-    landmark_net.eval()
     rank, world = _world()
     try:
         rows = _view_probs(
@@ -156,6 +161,121 @@ def evaluate(model, landmark_net, dataset, batch_size, device, workers=0, amp=Fa
     predictions = _per_clip(rows, len(dataset.samples))
     metrics = compute_metrics([p["label"] for p in predictions], [p["pred"] for p in predictions], net.cfg.num_classes)
     return dict(metrics, predictions=predictions)
+
+
+# ----------------------------------------------------------------------------- pictures (PNG through PyAV)
+def write_png(path, rgb):
+    """uint8 (H, W, 3) -> a PNG file, encoded with PyAV's PNG encoder."""
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    Path(path).write_bytes(b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))
+    return Path(path)
+
+
+_GLYPHS = {  # a 3 x 5 pixel font: digits and the letters of the demo's class abbreviations
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "D": "110101101101110",
+    "E": "111100110100111", "F": "111100110100100", "H": "101101111101101", "I": "111010010010111",
+    "N": "101111111111101", "S": "111100111001111", "U": "101101101101111", " ": "000000000000000",
+}
+
+
+def draw_text(img, text, top, left, scale=2, colour=(0, 0, 0)):
+    """Write `text` (the characters of _GLYPHS) into img in place, each glyph 3 x 5 pixels times scale."""
+    for k, ch in enumerate(text.upper()):
+        glyph = np.array([int(b) for b in _GLYPHS[ch]], bool).reshape(5, 3).repeat(scale, 0).repeat(scale, 1)
+        y, x = top, left + k * 4 * scale
+        img[y:y + 5 * scale, x:x + 3 * scale][glyph] = colour
+
+
+def confusion_picture(confusion, names, cell=36):
+    """The confusion matrix as a grid: rows true class, columns predicted, darker = more clips, counts written."""
+    counts = np.array(confusion)
+    n, margin = len(counts), 40
+    img = np.full((margin + n * cell, margin + n * cell, 3), 255, np.uint8)
+    shade = counts / max(1, counts.sum(1, keepdims=True).max())  # a cell's share of its row
+    for i in range(n):
+        draw_text(img, names[i][:2], margin + i * cell + cell // 2 - 5, 6)  # row labels, then column labels
+        draw_text(img, names[i][:2], 14, margin + i * cell + cell // 2 - 7)
+        for j in range(n):
+            y, x = margin + i * cell, margin + j * cell
+            tint = 255 * (1 - 0.85 * shade[i, j] * np.array([1, 0.6, 0.2]))  # white to dark blue
+            img[y + 1:y + cell, x + 1:x + cell] = tint.astype(np.uint8)
+            text = str(counts[i, j])
+            draw_text(img, text, y + cell // 2 - 5, x + cell // 2 - 4 * len(text) + 1,
+                      colour=(255, 255, 255) if shade[i, j] > 0.5 else (0, 0, 0))
+    return img
+
+
+def _dots(img, points, colour, scale):
+    for x, y in (points * scale).round().astype(int):
+        img[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = colour
+
+
+def landmark_picture(frames, truth, predicted, scale=3):
+    """Faces uint8 (K, S, S, 3) side by side, scale x larger, ground-truth points green and predicted red
+    (both (K, 68, 2) in pixels)."""
+    tiles = []
+    for frame, t, p in zip(frames, truth, predicted, strict=True):
+        tile = frame.repeat(scale, 0).repeat(scale, 1).copy()
+        _dots(tile, t, (0, 200, 0), scale)
+        _dots(tile, p, (230, 0, 0), scale)
+        tiles.append(tile)
+    return np.concatenate(tiles, axis=1)
+
+
+def gate_picture(frames, gates, scale=3):
+    """Faces (K, S, S, 3) over a row of their MCP gate maps (K, 14, 14): red where the gate puts its weight."""
+    tiles = []
+    for frame, gate in zip(frames, gates, strict=True):
+        g = (gate - gate.min()) / max(float(gate.max() - gate.min()), 1e-12)  # (14, 14) in [0, 1]
+        g = np.kron(g, np.ones((frame.shape[0] // g.shape[0], frame.shape[1] // g.shape[1])))[..., None]
+        face = frame.astype(np.float32)
+        heat = (1 - 0.6 * g) * face + 0.6 * g * np.array([255.0, 0, 0])
+        tiles.append(np.concatenate([face, heat]).astype(np.uint8).repeat(scale, 0).repeat(scale, 1))
+    return np.concatenate(tiles, axis=1)
+
+
+@torch.no_grad()
+def mcp_gates(model, video, lm_feats, layer=0):
+    """Eq. (4)'s Fovea gate A = softmax over the N positions of (s * x0) at MCP_layer, averaged over its 8 channels:
+    (T, 14, 14) for a clip video (1, 3, T, S, S). Read from the inputs MCP_layer receives in a forward pass."""
+    seen = {}
+    hook = model.mcp[layer].register_forward_hook(lambda m, inputs, out: seen.update(x_in=inputs[0]))
+    try:
+        model(video, lm_feats)
+    finally:
+        hook.remove()
+    mcp = model.mcp[layer]
+    A = torch.softmax(mcp.sharpness * mcp.down_x(seen["x_in"]), dim=1)  # (B*T, N, 8), Eq. (3)-(4)
+    G = model.cfg.grid
+    return A.mean(-1).reshape(-1, G, G).numpy()
+
+
+def demo_pictures(video_run, landmark_weights, root):
+    """The demo's three pictures in video_run: landmarks.png, gate.png, confusion.png; returns their paths."""
+    video_run, root = Path(video_run), Path(root)
+    ckpt = safe_load(video_run / "best.pt")
+    model = S2D(S2DConfig(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    lm = LandmarkFeatures(landmark_weights)
+    sample = next(s for s in read_split("demo", root / "test.csv") if s.label == CLASSES["demo"].index("Happy"))
+    frames = data.load_clip(sample, root)  # (T, S, S, 3) uint8
+    truth = data.demo_points(root, sample)  # (T, 68, 2) pixels
+    pick = np.linspace(0, len(frames) - 1, 6).round().astype(int)  # six frames, first to last
+    video = data.normalise(torch.from_numpy(frames[pick]).permute(0, 3, 1, 2).float() / 255)[None]  # (1, 3, 6, S, S)
+    feats, points = lm(video, return_points=True)
+    predicted = points[0].numpy() * np.array([frames.shape[2], frames.shape[1]])  # [0, 1] -> pixels
+    index = np.linspace(0, len(pick) - 1, model.cfg.num_frames).round().astype(int) if model.cfg.video else None
+    clip, clip_feats = (video[:, :, index], feats[:, index]) if index is not None else (video, feats)
+    gates = mcp_gates(model, clip, clip_feats)
+    gates = gates[[list(index).index(k) for k in range(len(pick))]] if index is not None else gates
+    results = json.loads((video_run / "results.json").read_text())["best"]
+    return [write_png(video_run / "landmarks.png", landmark_picture(frames[pick], truth[pick], predicted)),
+            write_png(video_run / "gate.png", gate_picture(frames[pick], gates)),
+            write_png(video_run / "confusion.png", confusion_picture(results["confusion"], CLASSES["demo"]))]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -175,7 +295,8 @@ def parse_args(argv=None):
     folds.add_argument("--fold", type=int, default=1, help="the fold to evaluate (DFEW, MAFW: 1-5; default 1)")
     folds.add_argument("--folds", help="several folds, e.g. 1-5 or 1,3: per-fold reports, then mean and std")
     p.add_argument("--video", help="a video file or a folder of frames: print this one clip's class probabilities")
-    p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint; omitted: the untrained, seeded detector")
+    p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint; omitted: the one the checkpoint was "
+                   "trained with (train.py records it), else the untrained, seeded detector")
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass, per process (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (default 2)")
     p.add_argument("--temporal-views", type=int, help="temporal windows per clip (default 2; images 1)")
@@ -239,20 +360,43 @@ def class_names(ckpt, dataset, num_classes):
     return [str(c) for c in range(num_classes)]
 
 
-def views_dataset(args, model, samples, media_root, image):
-    """The eval views of `samples` for `model`: 2 windows x 2 crops by default, 1 x 1 for images."""
-    t = args.temporal_views or (1 if image else 2)
-    s = args.spatial_crops or (1 if image else 2)
-    return ClipDataset(samples, media_root, mode="eval", num_frames=model.cfg.num_frames,
-                       image_size=model.cfg.img_size, temporal_views=t, spatial_crops=s, augment=False)
+def recorded(ckpt, name, default=None):
+    """An option the checkpoint's training run recorded (train.py saves its arguments), else default."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    return args.get(name) if args.get(name) is not None else default
 
 
-def eval_fold(args, fold, device, landmark_net, show):
+def landmark_view(args, ckpt, model, device, show=print):
+    """The landmark net for `model`: none without MCP; --landmark-weights, else the file the run recorded."""
+    if not model.cfg.mcp:
+        return None
+    weights = args.landmark_weights or recorded(ckpt, "landmark_weights")
+    if weights and not args.landmark_weights:
+        show(f"landmark view: {weights} (recorded in the checkpoint)")
+    net = LandmarkFeatures(weights, recorded(ckpt, "landmark_preset", "mobilefacenet")).to(device)
+    if net.feature_width != model.cfg.landmark_channels:
+        raise SystemExit(f"eval.py: the landmark net {weights} gives {net.feature_width} channels, the model expects "
+                         f"{model.cfg.landmark_channels}; pass the --landmark-weights it was trained with")
+    return net
+
+
+def views_dataset(args, ckpt, model, samples, media_root, views):
+    """The eval views of `samples` for `model` (views: data.eval_views, unless --temporal-views / --spatial-crops
+    say otherwise), frames sampled at the rate the model was trained with."""
+    t, s = args.temporal_views or views["temporal_views"], args.spatial_crops or views["spatial_crops"]
+    return ClipDataset(samples, media_root, mode="eval", num_frames=recorded(ckpt, "num_frames", model.cfg.num_frames),
+                       sampling_rate=recorded(ckpt, "sampling_rate", 1), image_size=model.cfg.img_size,
+                       temporal_views=t, spatial_crops=s, augment=False)
+
+
+def eval_fold(args, fold, device, show):
     path = args.checkpoint.format(fold=fold) if "{fold}" in args.checkpoint else args.checkpoint
     model, ckpt = load_model(path, device, show)
+    landmark_net = landmark_view(args, ckpt, model, device, show)
     files = dataset_files(args.dataset, args.data_root, fold=fold)
     samples = read_split(args.dataset, files.test)
-    ds = views_dataset(args, model, samples, files.media_root, args.dataset in IMAGE_DATASETS)
+    ds = views_dataset(args, ckpt, model, samples, files.media_root, data.eval_views(args.dataset))
     show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {len(ds) // len(samples)} views")
     result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
@@ -286,11 +430,14 @@ def write_csv(path, per_fold):
                 )
 
 
-def predict_video(args, device, landmark_net):
+def predict_video(args, device):
     """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first)."""
     model, ckpt = load_model(args.checkpoint, device)
+    landmark_net = landmark_view(args, ckpt, model, device)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
-    ds = views_dataset(args, model, [Sample(path=os.path.abspath(args.video), label=0)], "", model.cfg.num_frames == 1)
+    image = model.cfg.num_frames == 1 and not recorded(ckpt, "no_tma")  # an image-stage model: one view
+    views = dict(temporal_views=1, spatial_crops=1) if image else data.eval_views(args.dataset or "any video")
+    ds = views_dataset(args, ckpt, model, [Sample(path=os.path.abspath(args.video), label=0)], "", views)
     probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
     print(f"{args.video}: {len(ds)} views averaged")
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
@@ -301,18 +448,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.video:  # one clip, one process
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        predict_video(args, device, LandmarkFeatures(args.landmark_weights).to(device))
+        predict_video(args, device)
     else:
         rank, device = setup(args.device)
         show = print if rank == 0 else (lambda *a: None)
-        landmark_net = LandmarkFeatures(args.landmark_weights).to(device)
         folds = parse_folds(args)
         if len(folds) > 1 and "{fold}" not in args.checkpoint:
             raise SystemExit(
                 "eval.py: --folds needs a --checkpoint pattern with {fold}: one checkpoint evaluated "
                 "on every fold's test split would be tested on clips it was trained on"
             )
-        per_fold = {fold: eval_fold(args, fold, device, landmark_net, show) for fold in folds}
+        per_fold = {fold: eval_fold(args, fold, device, show) for fold in folds}
         if len(folds) > 1:
             show(summarize([r for r, _, _ in per_fold.values()], next(iter(per_fold.values()))[2]))
         if args.out and rank == 0:

@@ -14,7 +14,9 @@ Check a checkpoint on a few face crops (an image file or a folder of frames, dec
     python landmarks.py --weights mobilefacenet_model_best.pth.tar --video path/to/frames
 """
 import argparse
+import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -276,9 +278,9 @@ def predict_points(net, frames, batch_size=256):
 
 def train_landmarks(train, test, preset="mobilefacenet_tiny", epochs=6, batch_size=32, lr=3e-3, seed=0, log=print):
     """Train a MobileFaceNet of `preset` to regress 68 points, L1 loss on [0, 1] coordinates, AdamW with a warm-up over
-    a tenth of the steps and a cosine decay. train, test: (frames, points) from frames_and_points. The last layer (BatchNorm1d)
-    starts at the training set's mean face, so the first steps refine a face instead of finding one. Returns the
-    checkpoint (the public file's format plus 'config') and the per-epoch log; NME as in `nme`."""
+    a tenth of the steps and a cosine decay. train, test: (frames, points) from frames_and_points. The last layer
+    (BatchNorm1d) starts at the training set's mean face, so the first steps refine a face instead of finding one.
+    Returns the checkpoint (the public file's format plus 'config') and the per-epoch log; NME as in `nme`."""
     torch.manual_seed(seed)
     net = MobileFaceNet(**PRESETS[preset]).to(memory_format=torch.channels_last)
     (frames, points), gen = train, torch.Generator().manual_seed(seed)
@@ -309,12 +311,40 @@ def train_landmarks(train, test, preset="mobilefacenet_tiny", epochs=6, batch_si
     return checkpoint, history
 
 
+def train_demo_landmarks(root, out, preset="mobilefacenet_tiny", epochs=1, batch_size=32, lr=4e-3, seed=0):
+    """Stage 1 of the demo: train on every frame of the demo's training clips, report the NME on its test clips'
+    frames; writes out/landmarks.pt (LandmarkFeatures loads it) and out/results.json."""
+    root, out = Path(root), Path(out)
+    t0 = time.perf_counter()
+    split = {name: data.read_split("demo", root / f"{name}.csv") for name in ("train", "test")}
+    sets = {name: frames_and_points([(data.load_clip(s, root), data.demo_points(root, s)) for s in samples])
+            for name, samples in split.items()}
+    print(f"landmarks: {len(sets['train'][0])} training frames, {len(sets['test'][0])} held-out frames "
+          f"(decoded in {time.perf_counter() - t0:.1f} s); {preset}", flush=True)
+    checkpoint, history = train_landmarks(sets["train"], sets["test"], preset, epochs, batch_size, lr, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out / "landmarks.pt")
+    (out / "results.json").write_text(json.dumps(dict(nme=checkpoint["nme"], history=history, preset=preset)))
+    print(f"landmarks: held-out NME {checkpoint['nme']:.4f} (inter-ocular: outer eye corners); {out / 'landmarks.pt'}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run the landmark view on face crops and print what it sees.")
+    parser = argparse.ArgumentParser(description="Run the landmark view on face crops and print what it sees, or "
+                                                 "train one on the demo's ground-truth points (--train).")
     parser.add_argument("--weights", help="MobileFaceNet-68 checkpoint (mobilefacenet_model_best.pth.tar); "
                                           "omitted: the untrained, seeded detector")
-    parser.add_argument("--video", required=True, help="an image file or a folder of frame images (aligned faces)")
+    parser.add_argument("--video", help="an image file or a folder of frame images (aligned faces)")
+    parser.add_argument("--train", action="store_true", help="train on the demo dataset's ground-truth points")
+    parser.add_argument("--data-root", default="data/demo", help="--train: the demo dataset (data.py make-demo)")
+    parser.add_argument("--out", default="runs/demo-landmarks", help="--train: writes landmarks.pt, results.json")
+    parser.add_argument("--preset", default="mobilefacenet_tiny", choices=sorted(PRESETS), help="--train: size")
+    parser.add_argument("--epochs", type=int, default=1, help="--train: passes over the training frames")
+    parser.add_argument("--seed", type=int, default=0, help="--train: seed of initialisation and order")
     args = parser.parse_args(argv)
+    if args.train:
+        return train_demo_landmarks(args.data_root, args.out, args.preset, args.epochs, seed=args.seed)
+    if not args.video:
+        parser.error("give --video (frames to look at) or --train")
     video = read_frames(args.video)
     feats, points = LandmarkFeatures(args.weights)(video, return_points=True)
     print(f"frames {tuple(video.shape)} -> features {tuple(feats.shape)}, points {tuple(points.shape)}")

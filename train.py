@@ -1,9 +1,14 @@
-"""Train S2D, image stage (SFER) or video stage (DFER), as one plain script that reads top to bottom.
+"""Train S2D: the landmark view, the image stage (SFER) and the video stage (DFER), as one plain script.
 
-Demo on CPU (makes ./data/demo if it is missing, trains s2d_tiny, prints the test UAR / WAR):
-    python train.py
-The same demo on 2 CPU processes (gloo):
-    torchrun --standalone --nproc_per_node=2 train.py
+The demo, S2D in miniature on CPU (makes ./data/demo if it is missing; each finished stage is reused next time):
+    python train.py                      # landmarks -> image stage -> video stage; last line: test UAR / WAR
+    python train.py --retrain image      # redo the image stage and what depends on it
+    python train.py --ablation           # the video stage without TMA / MCP / SDL, 3 seeds each, as a table
+The demo's stages one by one (what `python train.py` runs; --stage video also runs on 2 CPU processes):
+    python train.py --stage landmarks --out runs/demo-landmarks
+    python train.py --stage image --dataset demo_image --landmark-weights runs/demo-landmarks/landmarks.pt
+    torchrun --standalone --nproc_per_node=2 train.py --stage video --init runs/demo_image-image/best.pt \
+        --landmark-weights runs/demo-landmarks/landmarks.pt
 Image stage, one 8-GPU node: full fine-tuning of an MAE ViT-B/16 on AffectNet-7:
     torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7 --data-root DATA/AffectNet \
         --init mae_pretrain_vit_base.pth --landmark-weights mobilefacenet_model_best.pth.tar
@@ -25,8 +30,10 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -40,55 +47,69 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from eval import evaluate, format_report
-from landmarks import LandmarkFeatures
+import landmarks
+from eval import demo_pictures, evaluate, format_report
 from loss import SCHEDULES, EmotionAnchors, lambda_at, sdl_loss
 from model import build_model, load_checkpoint, no_weight_decay, safe_load, set_trainable
 
 # ----------------------------------------------------------------------------- options
-# Options left unset take the default of the run kind: (demo, image stage, video stage).
-RUN_DEFAULTS = {
-    "model": ("s2d_tiny", "s2d_base", "s2d_base"),
-    "epochs": (13, 20, 100),
-    "batch_size": (8, 32, 8),
-    "num_frames": (2, 1, 16),  # demo: 2 frames, as its clips hold the apex from frame 5 on; CPU time buys steps
+# Options left unset take the default of the run kind. The demo's are measured (README, "The demo"): its image
+# stage trains a tiny ViT from scratch on 800 stills, its video stage adapts it on 8 frames a clip, 2 apart.
+KINDS = ("demo image", "demo video", "image", "video")
+RUN_DEFAULTS = {  # one value per kind, in KINDS order
+    "model": ("s2d_tiny", "s2d_tiny", "s2d_base", "s2d_base"),
+    "epochs": (10, 4, 20, 100),
+    "batch_size": (16, 8, 32, 8),
+    "num_frames": (1, 8, 1, 16),
+    "sampling_rate": (1, 2, 1, 1),  # demo: 8 frames 2 apart span the 16-18 frame clip
     # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
-    # layer decay; the authors publish no image-stage recipe); demo: from scratch (1e-4 stays at chance)
-    "blr": (1e-3, 5e-6, 1e-5),
-    "warmup_epochs": (1, 2, 2),
-    "sdl_start": (5, -1, 20),  # -1: no SDL. The release starts SDL after epoch 20
-    "augment": ("flip", "paper", "paper"),
-    "val_every": (4, 1, 1),  # demo: a validation pass costs about a fifth of an epoch's training
+    # layer decay; the authors publish no image-stage recipe); demo: measured (README)
+    "blr": (5e-4, 3e-3, 5e-6, 1e-5),
+    "warmup_epochs": (1, 0.5, 2, 2),
+    "sdl_start": (-1, 1, -1, 20),  # -1: no SDL. The release starts SDL after epoch 20
+    "augment": ("none", "none", "paper", "paper"),
+    "landmark_preset": ("mobilefacenet_tiny", "mobilefacenet_tiny", "mobilefacenet", "mobilefacenet"),
 }
 RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 add = parser.add_argument
+add("--stage", choices=("demo", "image", "video"),
+    help="demo: the three demo stages in order (landmarks.py --train, then image, then video), each reused when "
+         "finished (default for --dataset demo); image: the SFER image "
+         "model, full fine-tuning (from an MAE ViT-B/16 via --init); video: the DFER model (default otherwise), "
+         "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise")
 add("--dataset", default="demo", choices=sorted(data.CLASSES), help="dataset to train on (default: demo)")
 add("--data-root", help="dataset folder (default for the demo: data/demo, generated when train.csv is missing)")
 add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
 add("--model", choices=("s2d_base", "s2d_tiny"), help="preset (default: s2d_tiny for the demo, s2d_base otherwise)")
-add("--stage", default="video", choices=("image", "video"),
-    help="image: the SFER image model, full fine-tuning (from an MAE ViT-B/16 via --init); video: the DFER model, "
-         "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise")
 add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
                    "ours or the released pretrain-AffectNet-7.pth (video stage)")
-add("--landmark-weights", help="MobileFaceNet checkpoint (mobilefacenet_model_best.pth.tar); default: untrained")
+add("--landmark-weights", help="MobileFaceNet checkpoint: mobilefacenet_model_best.pth.tar, or the landmarks.pt of "
+                               "landmarks.py --train; default: an untrained detector (a warning says so)")
+add("--landmark-preset", choices=sorted(landmarks.PRESETS),
+    help="MobileFaceNet size without --landmark-weights (default: the tiny one for the demo, else the public "
+         "checkpoint's); a weights file records its own")
+add("--no-mcp", action="store_true", help="ablation: no landmark view and no MCP prompts")
+add("--no-tma", action="store_true", help="ablation: the video stage without TMA (the image model on every frame, "
+                                          "its per-frame features averaged over time)")
 add("--oversample", action="store_true", help="class-balanced sampling (trades WAR for UAR, paper Tables IX-X)")
-add("--epochs", type=int, help="training epochs (default: demo 13, image 20, video 100)")
-add("--batch-size", type=int, help="clips per process and micro-step (default: demo 8, image 32, video 8)")
+add("--epochs", type=int, help="training epochs (default: demo image 10, demo video 4; image 20, video 100)")
+add("--batch-size", type=int, help="clips per process and micro-step (default: demo 16 / 8; image 32, video 8)")
 add("--accum-steps", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
-add("--num-frames", type=int, help="frames per clip (default: demo 2, image 1, video 16)")
-add("--blr", type=float, help="base lr; lr = blr * total_batch / 8 (default: demo 1e-3, image 5e-6, video 1e-5)")
+add("--num-frames", type=int, help="frames per clip (default: demo video 8, image 1, video 16)")
+add("--sampling-rate", type=int, help="frame step within a clip (default: demo video 2, else 1 as in the paper)")
+add("--blr", type=float, help="base lr; lr = blr * total_batch / 8 (default: demo image 5e-4, demo video 3e-3; "
+                              "image 5e-6, video 1e-5)")
 add("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
-add("--warmup-epochs", type=float, help="linear warm-up, in epochs (default: demo 1, otherwise 2)")
+add("--warmup-epochs", type=float, help="linear warm-up, in epochs (default: demo 1 / 0.5, otherwise 2)")
 add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
 add("--augment", choices=("paper", "light", "flip", "none"),
     help="training augmentation. paper: RandAugment (m7, n4, mstd 0.5), random erasing 0.25, random resized crop and "
-         "flip (SPEC.md section 4); light: the crop and flip only; flip: the flip only (default: flip for the demo, "
+         "flip (README, Training); light: the crop and flip only; flip: the flip only (default: none for the demo, "
          "whose faces are aligned, else paper)")
-add("--sdl-start", type=int, help="first epoch (0-based) with the SDL term, -1 for none (default: demo 5, "
+add("--sdl-start", type=int, help="first epoch (0-based) with the SDL term, -1 for none (default: demo video 1, "
                                   "image -1, video 20)")
 add("--lambda-schedule", default="linear", choices=SCHEDULES,
     help="SDL weight: linear / cosine ramp from 0 to 1 (the paper), or release: the released epoch steps")
@@ -97,7 +118,7 @@ add("--sdl-refresh", default="step", choices=("step", "never"),
     help="step: the paper, anchors refreshed from every mini-batch; never: the release, random anchors kept fixed")
 add("--val-fraction", type=float, default=0.1, help="per-class fraction of the training list held out for model "
                                                     "selection (seeded); 0: no validation, no best.pt")
-add("--val-every", type=int, help="validate every N epochs and after the last one (default: demo 4, otherwise 1)")
+add("--val-every", type=int, default=1, help="validate every N epochs and after the last one (default 1)")
 add("--select", default="war", choices=("war", "uar"), help="validation metric that picks best.pt")
 add("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
     help="autocast on CUDA (auto: bf16 on CUDA, fp32 on CPU); fp16 uses a gradient scaler")
@@ -105,25 +126,145 @@ add("--kernels", default="auto", choices=("auto", "triton", "torch"), help="TMA 
 add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
 add("--workers", type=int, default=0, help="data-loading worker processes per process")
 add("--seed", type=int, default=0, help="seed of model init, split, sampling order and augmentation")
-add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>)")
+add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>; the demo's stages: runs/demo-<stage>)")
 add("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its saved options")
 add("--stop-after-steps", type=int, help="stop as on SIGTERM after this many optimizer steps (for tests)")
-args = parser.parse_args()
+add("--retrain", choices=("landmarks", "image", "video", "all"),
+    help="--stage demo: train this stage again, and every stage after it, even if finished")
+add("--ablation", action="store_true", help="--stage demo: after the demo, the ablation table (README)")
+add("--ablation-seeds", type=int, default=3, help="--ablation: seeds per row (default 3)")
+add("--demo-args", default="", help="--stage demo: options added to its image and video stages, e.g. "
+                                   "\"--epochs 1\" for a quick smoke run (tests use it)")
 
+
+# ----------------------------------------------------------------------------- the demo: S2D in miniature
+# Each stage is an ordinary run of landmarks.py or of this script, in a subprocess: the commands it prints are the
+# ones a user would type. A stage whose results.json exists is reused, unless --retrain names it or a stage before.
+DEMO_STAGES = {"landmarks": "landmark view (MobileFaceNet on ground-truth points)",
+               "image": "image stage (MCP, no TMA; still apex frames)",
+               "video": "video stage (frozen image model + MCP + TMA + SDL)"}
+ABLATION = [  # (row, image stage it starts from, extra options of its video stage)
+    ("(a) image model on frames, averaged over time", "image-nomcp", ["--no-mcp", "--no-tma", "--sdl-start", "-1"]),
+    ("(b) + TMA", "image-nomcp", ["--no-mcp", "--sdl-start", "-1"]),
+    ("(c) + MCP landmark view", "image", ["--sdl-start", "-1"]),
+    ("(d) + SDL = S2D", "image", []),
+]
+
+
+def demo_stages(args, root):
+    """name -> (run folder, command) of every demo stage, the ablation's extra image stage included."""
+    runs, me = Path(args.out or "runs"), [sys.executable, __file__, "--data-root", str(root)]
+    weights = str(runs / "demo-landmarks" / "landmarks.pt")
+    image = me + ["--stage", "image", "--dataset", "demo_image", *shlex.split(args.demo_args)]
+    video = me + ["--stage", "video", "--landmark-weights", weights, *shlex.split(args.demo_args)]
+    return {"landmarks": (runs / "demo-landmarks", [sys.executable, landmarks.__file__, "--train", "--data-root",
+                                                    str(root), "--out", str(runs / "demo-landmarks")]),
+            "image": (runs / "demo-image", image + ["--landmark-weights", weights, "--out", str(runs / "demo-image")]),
+            "image-nomcp": (runs / "demo-image-nomcp", image + ["--no-mcp", "--out", str(runs / "demo-image-nomcp")]),
+            "video": (runs / "demo-video", video + ["--init", str(runs / "demo-image" / "best.pt"), "--out",
+                                                    str(runs / "demo-video")])}
+
+
+def run_stage(title, folder, command, redo):
+    """Run one stage unless it is finished (and not to be redone); True when it ran."""
+    if not redo and (folder / "results.json").exists():
+        took = json.loads((folder / "stage.json").read_text())["seconds"] if (folder / "stage.json").exists() else 0
+        print(f"== {title}: finished in {folder} ({took:.0f} s when it ran), reused; --retrain redoes it", flush=True)
+        return False
+    shutil.rmtree(folder, ignore_errors=True)  # a stage that did not finish starts again
+    print(f"== {title}\n   {' '.join(command)}", flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.run(command).returncode
+    if code != 0:
+        sys.exit(f"train.py: {title} failed (exit {code}); its messages are above. `python train.py` redoes it.")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stage.json").write_text(json.dumps(dict(seconds=time.perf_counter() - t0, command=command)))
+    print(f"== {title}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def best_test(folder):
+    """The test metrics of a run's best-on-validation checkpoint."""
+    return json.loads((folder / "results.json").read_text())["best"]
+
+
+def run_demo(args):
+    root, t_start = Path(args.data_root or "data/demo"), time.perf_counter()
+    if not (root / "train.csv").exists():
+        print(f"== the demo dataset: making it in {root}", flush=True)
+        data.make_demo(root)
+        print(f"== the demo dataset: done in {time.perf_counter() - t_start:.0f} s", flush=True)
+    stages, redo = demo_stages(args, root), args.retrain == "all"
+    for k, (name, title) in enumerate(DEMO_STAGES.items(), 1):
+        redo = run_stage(f"stage {k}/3, {title}", *stages[name], redo or args.retrain == name)
+    if args.ablation:
+        run_ablation(args, root, stages)
+    lm, image, video = (json.loads((stages[n][0] / "results.json").read_text()) for n in DEMO_STAGES)
+    for path in demo_pictures(stages["video"][0], stages["landmarks"][0] / "landmarks.pt", root):
+        print(f"picture: {path}")
+    print(f"\nlandmark view: held-out NME {lm['nme']:.4f} (mean point error / outer-eye-corner distance)")
+    print(f"image stage: held-out frame accuracy {image['best']['war']:.4f} (epoch {image['best']['epoch']})")
+    print(f"demo done in {time.perf_counter() - t_start:.0f} s (this run)")
+    print(f"video stage, held-out test (best on validation, epoch {video['best']['epoch']}): "
+          f"UAR {video['best']['uar']:.4f}  WAR {video['best']['war']:.4f}")
+    return 0
+
+
+def run_ablation(args, root, stages):
+    """The video stage with components switched off, on the same data and seeds; the table as README shows it."""
+    t0, runs = time.perf_counter(), Path(args.out or "runs")
+    run_stage("ablation: image stage without MCP", *stages["image-nomcp"], args.retrain == "all")
+    rows = []
+    for row, image, extra in ABLATION:
+        scores = []
+        for seed in range(args.ablation_seeds):
+            folder = runs / "ablation" / f"{row[1]}-seed{seed}"
+            command = stages["video"][1][:-4] + ["--init", str(stages[image][0] / "best.pt"), "--out", str(folder),
+                                                 "--seed", str(seed), *extra]
+            if not extra and seed == 0:  # row (d), seed 0 is the demo's own video stage
+                folder = stages["video"][0]
+            else:
+                run_stage(f"ablation {row}, seed {seed}", folder, command, args.retrain == "all")
+            scores.append(best_test(folder))
+        rows.append((row, [s["uar"] for s in scores], [s["war"] for s in scores]))
+    def spread(xs):  # mean +- sample standard deviation over the seeds
+        return f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+    seeds = args.ablation_seeds
+    lines = [f"| row | test UAR (mean +- std over {seeds} seeds) | test WAR | WAR per seed |", "|---|---|---|---|"]
+    for row, uars, wars in rows:
+        lines.append(f"| {row} | {spread(uars)} | {spread(wars)} | {', '.join(f'{w:.3f}' for w in wars)} |")
+    table = "\n".join(lines)
+    (runs / "ablation").mkdir(parents=True, exist_ok=True)
+    (runs / "ablation" / "table.md").write_text(table + "\n")
+    print(f"\n{table}\nablation done in {time.perf_counter() - t0:.0f} s; table in {runs / 'ablation' / 'table.md'}")
+
+
+args = parser.parse_args()
+args.stage = args.stage or ("demo" if args.dataset == "demo" and not args.resume else "video")
+if args.stage == "demo":
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("train.py: the demo pipeline runs in one process; run its stages under torchrun one by one "
+                 "(python train.py --help shows them)")
+    sys.exit(run_demo(args))
+if args.retrain or args.ablation or args.demo_args:
+    parser.error("--retrain, --ablation and --demo-args belong to the demo pipeline (--stage demo)")
 if args.resume:  # the saved options win, except the runtime ones
     runtime = {k: getattr(args, k) for k in RUNTIME_OPTIONS}
     ckpt = safe_load(Path(args.resume) / "last.pt")
     args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
-    args.val_every = getattr(args, "val_every", None) or 1  # runs saved before --val-every existed
+    for name, value in dict(val_every=1, sampling_rate=1, no_mcp=False, no_tma=False,
+                            landmark_preset="mobilefacenet").items():  # runs saved before these options existed
+        args.__dict__.setdefault(name, value)
 else:
     ckpt = None
-    kind = 0 if args.dataset == "demo" else (1 if args.stage == "image" else 2)
+    kind = (args.stage == "video") + (0 if args.dataset in ("demo", "demo_image") else 2)
     if args.stage == "image" and args.num_frames is None:
         args.num_frames = 1  # the image model sees single frames, the demo's too
     for name, by_kind in RUN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, by_kind[kind])
-    if args.data_root is None and args.dataset != "demo":
+    if args.data_root is None and args.dataset not in ("demo", "demo_image"):
         parser.error(f"--data-root is needed for --dataset {args.dataset}")
     args.data_root = args.data_root or "data/demo"
     fold = f"-fold{args.fold}" if args.dataset in FOLDED else ""
@@ -181,13 +322,17 @@ train_samples, val_samples = split_validation(train_all, args.val_fraction, args
 # ----------------------------------------------------------------------------- model, landmark view, SDL anchors
 torch.manual_seed(args.seed)  # the same initial model and anchors on every rank
 image_stage = args.stage == "image"
-model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage, kernels=args.kernels)
+landmark_net = None  # frozen, eval mode, no grad; none without MCP
+if not args.no_mcp:
+    landmark_net = landmarks.LandmarkFeatures(args.landmark_weights, args.landmark_preset).to(device)
+model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage or args.no_tma,
+                    kernels=args.kernels, mcp=not args.no_mcp,
+                    landmark_channels=landmark_net.feature_width if landmark_net else 128)
 if args.init and not args.resume:
     load_checkpoint(model, args.init)
 scope = "image" if image_stage else ("video" if args.init else "all")
 n_trainable, n_total = set_trainable(model, scope)
 model.to(device)
-landmark_net = LandmarkFeatures(weights=args.landmark_weights).to(device)  # frozen, eval mode, no grad
 anchors = EmotionAnchors(len(classes), model.cfg.width, init="empty" if args.sdl_refresh == "step" else "random")
 anchors.to(device)
 raw_model = model
@@ -197,9 +342,9 @@ torch.manual_seed(args.seed + rank)  # from here on, anything random differs per
 random.seed(args.seed + rank)
 np.random.seed(args.seed + rank)
 
-common = dict(num_frames=args.num_frames, image_size=raw_model.cfg.img_size, seed=args.seed)
-n_views = 1 if args.dataset in data.IMAGE_DATASETS else 2  # SPEC.md section 4: 2 x 2 views of a video, as eval.py
-views = dict(temporal_views=n_views, spatial_crops=n_views)
+common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, image_size=raw_model.cfg.img_size,
+              seed=args.seed)
+views = data.eval_views(args.dataset)  # 2 temporal x 2 spatial views of a video (paper Sec. IV-B), as eval.py
 augment = {"paper": True, "light": data.Augment(randaugment=False, erase_p=0.0), "none": False,
            "flip": data.Augment(resized_crop=False, randaugment=False, erase_p=0.0)}[args.augment]
 train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=augment, **common)
@@ -318,6 +463,7 @@ if ckpt is not None:
     set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
     log(f"resumed {out} at epoch {start_epoch}, step {skip} of {steps_per_epoch}")
     del ckpt
+frozen = {n: p.detach().clone() for n, p in raw_model.named_parameters() if not p.requires_grad}  # checked at the end
 if master:
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
@@ -366,7 +512,8 @@ def finish(code, message):
 # ----------------------------------------------------------------------------- training
 for epoch in range(start_epoch, args.epochs):
     model.train()
-    bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", dynamic_ncols=True,
+               disable=not master or not sys.stderr.isatty())  # in a log file: only the line per epoch below
     sums = torch.zeros(4, device=device)  # this optimizer step's loss, ce, bce (means), replaced clips (a count)
     t0 = time.perf_counter()
     for micro, batch in enumerate(epoch_loader(epoch, skip)):
@@ -376,8 +523,8 @@ for epoch in range(start_epoch, args.epochs):
         lam = sdl_weight(epoch + step_in_epoch / steps_per_epoch)
         with model.no_sync() if ddp and not last_micro else nullcontext():
             with autocast():
-                landmarks = landmark_net(video)  # (B, T, 128, 14, 14), frozen and without grad
-                logits, features = model(video, landmarks)  # (B, classes), (B, C)
+                lm_feats = landmark_net(video) if landmark_net else None  # (B, T, 128, 14, 14), frozen, no grad
+                logits, features = model(video, lm_feats)  # (B, classes), (B, C)
             soft = anchors.soft_labels(features) if lam > 0 else None  # Eq. (16)-(18), queues as they are
             loss, ce, bce = sdl_loss(logits, labels, soft, lam)
             scaler.scale(loss / args.accum_steps).backward()
@@ -442,6 +589,14 @@ for epoch in range(start_epoch, args.epochs):
         finish(0, f"stopped by {signal.Signals(stop_signal).name if stop_signal else '--stop-after-steps'} after "
                   f"epoch {epoch}; {out / 'last.pt'} saved; continue with: python train.py --resume {out}")
 
+# ----------------------------------------------------------------------------- what was frozen stayed frozen
+changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p.detach(), frozen[n])]
+if changed:
+    finish(1, f"train.py: {len(changed)} frozen tensors changed during training, first {changed[:3]}")
+log(f"frozen check: the {len(frozen)} frozen tensors ({sum(p.numel() for p in frozen.values()):,} parameters) are "
+    "bit-identical to where training started" if frozen else "frozen check: nothing was frozen")
+del frozen
+
 # ----------------------------------------------------------------------------- test: last epoch and best on validation
 results = {}
 for tag in ("last", "best"):
@@ -463,4 +618,6 @@ for tag in ("last", "best"):
     log(format_report(test, classes))
 if master:
     (out / "results.json").write_text(json.dumps(results, indent=2))
-finish(0, f"done: {out}")
+final = results.get("best", results["last"])
+finish(0, f"done: {out}; held-out test (best on validation, epoch {final['epoch']}): "
+          f"UAR {final['uar']:.4f}  WAR {final['war']:.4f}")

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # 35 clips: 28 train (7 of them held out for validation) and 7 test; 2 frames, batch 2 -> 10 steps per epoch
-TINY = ["--num-frames", "2", "--batch-size", "2", "--val-fraction", "0.25", "--blr", "2e-4", "--warmup-epochs", "0.5",
+TINY = ["--stage", "video", "--num-frames", "2", "--sampling-rate", "1", "--batch-size", "2", "--val-fraction", "0.25",
+        "--blr", "2e-4", "--warmup-epochs", "0.5",
         "--sdl-start", "1", "--sdl-ramp", "0.5", "--augment", "paper", "--val-every", "1"]
 
 pytestmark = pytest.mark.slow
