@@ -264,14 +264,12 @@ def demo_pictures(video_run, landmark_weights, root):
     sample = next(s for s in read_split("demo", root / "test.csv") if s.label == CLASSES["demo"].index("Happy"))
     frames = data.load_clip(sample, root)  # (T, S, S, 3) uint8
     truth = data.demo_points(root, sample)  # (T, 68, 2) pixels
-    pick = np.linspace(0, len(frames) - 1, 6).round().astype(int)  # six frames, first to last
-    video = data.normalise(torch.from_numpy(frames[pick]).permute(0, 3, 1, 2).float() / 255)[None]  # (1, 3, 6, S, S)
+    n = model.cfg.num_frames if model.cfg.video else 6  # the frames the model takes, first to last of the clip
+    pick = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    video = data.normalise(torch.from_numpy(frames[pick]).permute(0, 3, 1, 2).float() / 255)[None]  # (1, 3, n, S, S)
     feats, points = lm(video, return_points=True)
     predicted = points[0].numpy() * np.array([frames.shape[2], frames.shape[1]])  # [0, 1] -> pixels
-    index = np.linspace(0, len(pick) - 1, model.cfg.num_frames).round().astype(int) if model.cfg.video else None
-    clip, clip_feats = (video[:, :, index], feats[:, index]) if index is not None else (video, feats)
-    gates = mcp_gates(model, clip, clip_feats)
-    gates = gates[[list(index).index(k) for k in range(len(pick))]] if index is not None else gates
+    gates = mcp_gates(model, video, feats)
     results = json.loads((video_run / "results.json").read_text())["best"]
     return [write_png(video_run / "landmarks.png", landmark_picture(frames[pick], truth[pick], predicted)),
             write_png(video_run / "gate.png", gate_picture(frames[pick], gates)),

@@ -5,10 +5,11 @@ The demo, S2D in miniature on CPU (makes ./data/demo if it is missing; each fini
     python train.py --retrain image      # redo the image stage and what depends on it
     python train.py --ablation           # the video stage without TMA / MCP / SDL, 3 seeds each, as a table
 The demo's stages one by one (what `python train.py` runs; --stage video also runs on 2 CPU processes):
-    python train.py --stage landmarks --out runs/demo-landmarks
-    python train.py --stage image --dataset demo_image --landmark-weights runs/demo-landmarks/landmarks.pt
-    torchrun --standalone --nproc_per_node=2 train.py --stage video --init runs/demo_image-image/best.pt \
-        --landmark-weights runs/demo-landmarks/landmarks.pt
+    python landmarks.py --train --data-root data/demo --out runs/demo-landmarks
+    python train.py --stage image --dataset demo_image --landmark-weights runs/demo-landmarks/landmarks.pt \
+        --out runs/demo-image
+    torchrun --standalone --nproc_per_node=2 train.py --stage video --init runs/demo-image/best.pt \
+        --landmark-weights runs/demo-landmarks/landmarks.pt --out runs/demo-video
 Image stage, one 8-GPU node: full fine-tuning of an MAE ViT-B/16 on AffectNet-7:
     torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7 --data-root DATA/AffectNet \
         --init mae_pretrain_vit_base.pth --landmark-weights mobilefacenet_model_best.pth.tar

@@ -241,18 +241,40 @@ def test_demo_round_trips_frames_landmarks_and_labels(demo):
     assert {s.path.endswith(".mp4") for s in train} == {False} and {s.path.endswith(".mp4") for s in test} == {True}
     for sample in (train[3], test[3]):  # a frame folder and an mp4 of class Happy
         name, clip = sample.path.split("/")[1:]
-        frames, points = data.demo_clip(sample.label, np.random.default_rng([3, sample.label, int(clip[:4])]))
+        frames, points, _ = data.demo_clip(sample.label, np.random.default_rng([3, sample.label, int(clip[:4])]))
         decoded = data.load_clip(sample, demo)
-        assert name == "Happy" and decoded.shape == frames.shape == (len(points), 128, 128, 3)
-        assert np.abs(decoded.astype(int) - frames).mean() < 6  # lossy 4:2:0 JPEG / H.264 at 128 px
+        assert name == "Happy" and decoded.shape == frames.shape == (len(points), 112, 112, 3)
+        assert np.abs(decoded.astype(int) - frames).mean() < 6  # lossy 4:2:0 JPEG / H.264 at 112 px
         assert np.array_equal(np.load(demo / "landmarks" / name / f"{clip[:4]}.npy"), points)
+        assert np.array_equal(data.demo_points(demo, sample), points)
+
+
+def test_demo_stills_are_apex_frames_of_frame_folder_clips(demo):
+    assert (demo / "stills_test.csv").read_text() == "path,id\n"  # this tiny demo's test clips are all mp4
+    for split in ("train",):
+        clips = {s.path: s.label for s in data.read_split("demo", demo / f"{split}.csv")}
+        stills = data.read_split("demo_image", demo / f"stills_{split}.csv")
+        assert stills and {s.label for s in stills} == {s for p, s in clips.items() if not p.endswith(".mp4")}
+        for still in stills:
+            folder, frame = still.path.rsplit("/", 1)
+            assert clips[folder] == still.label and (demo / still.path).is_file()
+            _, _, apex = data.demo_clip(still.label, np.random.default_rng([3, still.label, int(folder[-4:])]))
+            assert int(frame[:-4]) - 1 in apex  # files count from 1
+    ds = ClipDataset(stills, demo, "eval", num_frames=16, image_size=112, **data.eval_views("demo_image"))
+    assert ds[0]["video"].shape == (3, 1, 112, 112) and len(ds) == len(stills)
 
 
 def test_demo_is_the_same_bytes_for_the_same_seed(demo, tmp_path):
     again = data.make_demo(tmp_path / "demo", num_clips=14, seed=3, workers=2)  # processes this time
     files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) and len(files) > 14
-    assert all((demo / f).read_bytes() == (again / f).read_bytes() for f in files)
+    differ = [f for f in files if (demo / f).read_bytes() != (again / f).read_bytes()]
+    # libx264 at 112 px does not always write the same bytes in another process; everything else is byte-identical,
+    # and the H.264 clips decode to nearly the same frames
+    assert all(f.suffix == ".mp4" for f in differ), differ
+    for f in differ:
+        a, b = (data.load_clip(data.Sample(str(f), 0), root).astype(int) for root in (demo, again))
+        assert a.shape == b.shape and np.abs(a - b).mean() < 2, f
 
 
 def test_demo_feeds_the_model_shapes(demo):
@@ -278,19 +300,27 @@ def test_demo_batches_run_through_the_model(demo):
 
 
 def test_demo_clip_is_deterministic_with_landmarks_in_frame():
-    a, pa = data.demo_clip(5, np.random.default_rng(7))
-    b, pb = data.demo_clip(5, np.random.default_rng(7))
-    assert np.array_equal(a, b) and np.array_equal(pa, pb) and 16 <= len(a) <= 32
-    assert pa.shape == (len(a), 68, 2) and pa[:, 17:].min() > 0 and pa[:, 17:].max() < 128  # the chin may leave
+    a, pa, apex = data.demo_clip(5, np.random.default_rng(7))
+    b, pb, _ = data.demo_clip(5, np.random.default_rng(7))
+    assert np.array_equal(a, b) and np.array_equal(pa, pb) and 16 <= len(a) <= 18 and len(apex) >= 3
+    assert pa.shape == (len(a), 68, 2) and pa[:, 17:].min() > 0 and pa[:, 17:].max() < 112  # the chin may leave
 
 
 @settings(deadline=None, max_examples=50)
-@given(seed=st.integers(0, 10**6), length=st.integers(16, 32))
-def test_demo_expression_shows_in_most_frames_of_any_window(seed, length):
-    intensity = data._intensity(length, np.random.default_rng(seed))
-    assert intensity[0] == 0 and (intensity[5:] >= 0.85).all()
-    shown = intensity >= 0.5
-    assert all(shown[k:k + 8].sum() >= 5 for k in range(length - 7))
+@given(seed=st.integers(0, 10**6), length=st.integers(16, 18))
+def test_demo_expression_has_onset_apex_and_offset_at_a_random_place(seed, length):
+    intensity, apex = data._intensity(length, np.random.default_rng(seed))
+    assert 3 <= len(apex) <= 6 and (np.diff(apex) == 1).all() and (intensity[apex] >= 0.85).all()
+    before, after = intensity[:apex[0]], intensity[apex[-1] + 1:]
+    assert (np.diff(before) >= 0).all() and (np.diff(after) <= 0).all()  # onset rises, offset falls
+    assert len(before) >= 2 and len(after) >= 2 and intensity[apex[0] - 2] < intensity[apex[0]]
+    # 8 frames two apart (the demo's video sampling) always see the apex at least once
+    assert all(np.isin(np.minimum(o + 2 * np.arange(8), length - 1), apex).any() for o in range(length - 14))
+
+
+def test_a_fixed_middle_frame_often_misses_the_expression():
+    misses = [data._intensity(17, np.random.default_rng(seed))[0][8] < 0.5 for seed in range(200)]
+    assert 0.05 < np.mean(misses) < 0.5  # 0.115 for these seeds: a single fixed frame is sometimes a neutral face
 
 
 def test_make_demo_leaves_nothing_complete_looking_after_a_crash(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def demo(tmp_path_factory):
 def pipeline(demo, runs, *extra):
     cmd = [sys.executable, TRAIN, "--data-root", str(demo), "--out", str(runs), "--demo-args", QUICK, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
@@ -92,7 +92,8 @@ def test_video_stage_keeps_the_frozen_set_bit_identical(tmp_path):
     set_trainable(video, "video")
     before = {n: p.detach().clone() for n, p in video.named_parameters()}
     params = [p for p in video.parameters() if p.requires_grad]
-    groups = [[p for n, p in video.named_parameters() if p.requires_grad and no_weight_decay(n, p) == k] for k in (0, 1)]
+    groups = [[p for n, p in video.named_parameters() if p.requires_grad and no_weight_decay(n, p) == decay]
+              for decay in (0, 1)]
     optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1]}], lr=1e-2)
     logits, _ = video(torch.randn(2, 3, 4, 112, 112), torch.randn(2, 4, 32, 14, 14))
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3])).backward()
