@@ -38,7 +38,7 @@ CLASSES = {
     "affectnet8": ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"),
     "ferplus": ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"),
 }
-CLASSES["demo"] = CLASSES["demo_image"] = CLASSES["ferv39k"]  # demo_image: the demo's apex frames as still images
+CLASSES["demo"] = CLASSES["demo_image"] = CLASSES["ferv39k"]  # demo_image: the demo's expressive frames as stills
 IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus", "demo_image"}
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -713,9 +713,10 @@ def _intensity(n, rng):
 
 def demo_clip(label, rng, size=112):
     """One clip of class `label`: frames uint8 (T, size, size, 3), landmarks float32 (T, 68, 2) in pixels and the
-    indices of its apex frames. 16-18 frames, neutral before and after an expression event (see _intensity)."""
+    expression intensity of every frame (T,). 16-18 frames, neutral before and after an expression event (see
+    _intensity)."""
     idt, n = _identity(rng), int(rng.integers(16, 19))
-    intensity, apex = _intensity(n, rng)
+    intensity, _ = _intensity(n, rng)
     # roughly aligned faces, as a face detector's crops are: small shifts, roll, yaw and scale
     pose = np.array([size * rng.uniform(0.48, 0.52), size * rng.uniform(0.465, 0.495), rng.uniform(-0.06, 0.06),
                      rng.uniform(-0.1, 0.1), size * rng.uniform(0.42, 0.45)])  # centre x, y, roll, yaw, px per unit
@@ -733,7 +734,7 @@ def demo_clip(label, rng, size=112):
         img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 3)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
         points.append(_project(p, pose + jitter))
-    return np.stack(frames), np.stack(points).astype(np.float32), apex
+    return np.stack(frames), np.stack(points).astype(np.float32), intensity
 
 
 def _write_frames(folder, frames):
@@ -762,13 +763,13 @@ def _write_video(path, frames, fps=25):
 def _demo_item(job):
     """Render and write one demo clip; returns its split row and, for a frame folder, its still-image rows."""
     out, seed, label, k, rel, size = job
-    frames, points, apex = demo_clip(label, np.random.default_rng([seed, label, k]), size)
+    frames, points, intensity = demo_clip(label, np.random.default_rng([seed, label, k]), size)
     (_write_video if rel.endswith(".mp4") else _write_frames)(out / rel, frames)
     landmarks = out / "landmarks" / Path(rel).relative_to("clips").with_suffix(".npy")
     landmarks.parent.mkdir(parents=True, exist_ok=True)
     np.save(landmarks, points)
-    middle = apex[max(0, len(apex) // 2 - 1): len(apex) // 2 + 2]  # up to 3 frames around the apex's middle
-    stills = [] if rel.endswith(".mp4") else [f"{rel}/{f + 1}.jpg,{label}" for f in middle]
+    shown = np.flatnonzero(intensity >= 0.5 * intensity.max())[::2]  # every other frame at half the peak or more
+    stills = [] if rel.endswith(".mp4") else [f"{rel}/{f + 1}.jpg,{label}" for f in shown]
     return f"{rel},{label}", stills
 
 
@@ -781,9 +782,10 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=112, mp4_every=4
     """Write the demo dataset in the FERV39K layout: train.csv / test.csv ('path,id'), frame folders
     clips/<Class>/<nnnn>/<k>.jpg, every mp4_every-th clip as clips/<Class>/<nnnn>.mp4 instead, and the ground-truth
     landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 490) is split evenly over
-    the 7 classes, a fifth of each class held out for test. stills_train.csv / stills_test.csv list up to three apex
-    frames of every frame-folder clip as still images (the image stage's data, a miniature AffectNet). Written into
-    a temporary folder that is renamed at the end, so a crash leaves no complete-looking dataset."""
+    the 7 classes, a fifth of each class held out for test. stills_train.csv / stills_test.csv list every other
+    frame showing at least half its clip's peak expression, of every frame-folder clip, as still images (the image
+    stage's data, a miniature AffectNet). Written into a temporary folder that is renamed at the end, so a crash
+    leaves no complete-looking dataset."""
     out, per_class = Path(out_dir), max(2, (num_clips or 490) // 7)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; remove it or choose another --out")
