@@ -146,26 +146,37 @@ add("--demo-args", default="", help="--stage demo: options added to its image an
 DEMO_STAGES = {"landmarks": "landmark view (MobileFaceNet on ground-truth points)",
                "image": "image stage (MCP, no TMA; still frames of the training clips)",
                "video": "video stage (frozen image model + MCP + TMA + SDL)"}
-ABLATION = [  # (row, image stage it starts from, extra options of its video stage)
-    ("(a) image model on frames, averaged over time", "image-nomcp", ["--no-mcp", "--no-tma", "--sdl-start", "-1"]),
-    ("(b) + TMA", "image-nomcp", ["--no-mcp", "--sdl-start", "-1"]),
-    ("(c) + MCP landmark view", "image", ["--sdl-start", "-1"]),
-    ("(d) + SDL = S2D", "image", []),
+ABLATION = [  # (key, row, image stage it starts from, extra options of its video stage)
+    ("a", "(a) image model on frames, averaged over time", "image-nomcp",
+     ["--no-mcp", "--no-tma", "--sdl-start", "-1"]),
+    ("b", "(b) + TMA", "image-nomcp", ["--no-mcp", "--sdl-start", "-1"]),
+    ("c", "(c) + MCP landmark view", "image", ["--sdl-start", "-1"]),
+    ("d", "(d) + SDL = S2D", "image", []),
 ]
 
 
-def demo_stages(args, root):
-    """name -> (run folder, command) of every demo stage, the ablation's extra image stage included."""
-    runs, me = Path(args.out or "runs"), [sys.executable, __file__, "--data-root", str(root)]
-    weights = str(runs / "demo-landmarks" / "landmarks.pt")
-    image = me + ["--stage", "image", "--dataset", "demo_image", *shlex.split(args.demo_args)]
-    video = me + ["--stage", "video", "--landmark-weights", weights, *shlex.split(args.demo_args)]
-    return {"landmarks": (runs / "demo-landmarks", [sys.executable, landmarks.__file__, "--train", "--data-root",
-                                                    str(root), "--out", str(runs / "demo-landmarks")]),
-            "image": (runs / "demo-image", image + ["--landmark-weights", weights, "--out", str(runs / "demo-image")]),
-            "image-nomcp": (runs / "demo-image-nomcp", image + ["--no-mcp", "--out", str(runs / "demo-image-nomcp")]),
-            "video": (runs / "demo-video", video + ["--init", str(runs / "demo-image" / "best.pt"), "--out",
-                                                    str(runs / "demo-video")])}
+class DemoStages:
+    """Run folders and commands of the demo's stages under `runs`, the ablation's included."""
+
+    def __init__(self, args, root):
+        self.runs, self.root, self.extra = Path(args.out or "runs"), str(root), shlex.split(args.demo_args)
+        self.weights = str(self.runs / "demo-landmarks" / "landmarks.pt")
+
+    def landmarks(self):
+        out = self.runs / "demo-landmarks"
+        return out, [sys.executable, landmarks.__file__, "--train", "--data-root", self.root, "--out", str(out)]
+
+    def image(self, name="image", mcp=True):
+        out = self.runs / f"demo-{name}"
+        view = ["--landmark-weights", self.weights] if mcp else ["--no-mcp"]
+        return out, [sys.executable, __file__, "--data-root", self.root, "--stage", "image", "--dataset", "demo_image",
+                     *view, *self.extra, "--out", str(out)]
+
+    def video(self, image="image", out=None, extra=()):
+        out = out or self.runs / "demo-video"
+        view = [] if "--no-mcp" in extra else ["--landmark-weights", self.weights]
+        return out, [sys.executable, __file__, "--data-root", self.root, "--stage", "video", *view, *self.extra,
+                     "--init", str(self.runs / f"demo-{image}" / "best.pt"), *extra, "--out", str(out)]
 
 
 def run_stage(title, folder, command, redo):
@@ -197,13 +208,13 @@ def run_demo(args):
         print(f"== the demo dataset: making it in {root}", flush=True)
         data.make_demo(root)
         print(f"== the demo dataset: done in {time.perf_counter() - t_start:.0f} s", flush=True)
-    stages, redo = demo_stages(args, root), args.retrain == "all"
+    stages, redo = DemoStages(args, root), args.retrain == "all"
     for k, (name, title) in enumerate(DEMO_STAGES.items(), 1):
-        redo = run_stage(f"stage {k}/3, {title}", *stages[name], redo or args.retrain == name)
+        redo = run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), redo or args.retrain == name)
     if args.ablation:
-        run_ablation(args, root, stages)
-    lm, image, video = (json.loads((stages[n][0] / "results.json").read_text()) for n in DEMO_STAGES)
-    for path in demo_pictures(stages["video"][0], stages["landmarks"][0] / "landmarks.pt", root):
+        run_ablation(args, stages)
+    lm, image, video = (json.loads((getattr(stages, n)()[0] / "results.json").read_text()) for n in DEMO_STAGES)
+    for path in demo_pictures(stages.video()[0], stages.weights, root):
         print(f"picture: {path}")
     print(f"\nlandmark view: held-out NME {lm['nme']:.4f} (mean point error / outer-eye-corner distance)")
     print(f"image stage: held-out frame accuracy {image['best']['war']:.4f} (epoch {image['best']['epoch']})")
@@ -213,34 +224,33 @@ def run_demo(args):
     return 0
 
 
-def run_ablation(args, root, stages):
+def spread(xs):
+    """'mean +- sample standard deviation' of a few numbers."""
+    return f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+
+def run_ablation(args, stages):
     """The video stage with components switched off, on the same data and seeds; the table as README shows it."""
-    t0, runs = time.perf_counter(), Path(args.out or "runs")
-    run_stage("ablation: image stage without MCP", *stages["image-nomcp"], args.retrain == "all")
-    rows = []
-    for row, image, extra in ABLATION:
+    t0, folder = time.perf_counter(), stages.runs / "ablation"
+    run_stage("ablation: image stage without MCP", *stages.image("image-nomcp", mcp=False), args.retrain == "all")
+    lines = [f"| row | test UAR (mean +- std over {args.ablation_seeds} seeds) | test WAR | WAR per seed |",
+             "|---|---|---|---|"]
+    for key, row, image, extra in ABLATION:
         scores = []
         for seed in range(args.ablation_seeds):
-            folder = runs / "ablation" / f"{row[1]}-seed{seed}"
-            command = stages["video"][1][:-4] + ["--init", str(stages[image][0] / "best.pt"), "--out", str(folder),
-                                                 "--seed", str(seed), *extra]
-            if not extra and seed == 0:  # row (d), seed 0 is the demo's own video stage
-                folder = stages["video"][0]
+            if key == "d" and seed == args.seed:  # the demo's own video stage
+                run = stages.video()[0]
             else:
-                run_stage(f"ablation {row}, seed {seed}", folder, command, args.retrain == "all")
-            scores.append(best_test(folder))
-        rows.append((row, [s["uar"] for s in scores], [s["war"] for s in scores]))
-    def spread(xs):  # mean +- sample standard deviation over the seeds
-        return f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
-
-    seeds = args.ablation_seeds
-    lines = [f"| row | test UAR (mean +- std over {seeds} seeds) | test WAR | WAR per seed |", "|---|---|---|---|"]
-    for row, uars, wars in rows:
-        lines.append(f"| {row} | {spread(uars)} | {spread(wars)} | {', '.join(f'{w:.3f}' for w in wars)} |")
+                run, command = stages.video(image, folder / f"{key}-seed{seed}", [*extra, "--seed", str(seed)])
+                run_stage(f"ablation {row}, seed {seed}", run, command, args.retrain == "all")
+            scores.append(best_test(run))
+        wars = [s["war"] for s in scores]
+        lines.append(f"| {row} | {spread([s['uar'] for s in scores])} | {spread(wars)} | "
+                     f"{', '.join(f'{w:.3f}' for w in wars)} |")
+    folder.mkdir(parents=True, exist_ok=True)
     table = "\n".join(lines)
-    (runs / "ablation").mkdir(parents=True, exist_ok=True)
-    (runs / "ablation" / "table.md").write_text(table + "\n")
-    print(f"\n{table}\nablation done in {time.perf_counter() - t0:.0f} s; table in {runs / 'ablation' / 'table.md'}")
+    (folder / "table.md").write_text(table + "\n")
+    print(f"\n{table}\nablation done in {time.perf_counter() - t0:.0f} s; table in {folder / 'table.md'}")
 
 
 args = parser.parse_args()
@@ -250,6 +260,8 @@ if args.stage == "demo":
         sys.exit("train.py: the demo pipeline runs in one process; run its stages under torchrun one by one "
                  "(python train.py --help shows them)")
     sys.exit(run_demo(args))
+if args.no_mcp and args.landmark_weights:
+    parser.error("--no-mcp switches the landmark view off; --landmark-weights would not be used")
 if args.retrain or args.ablation or args.demo_args:
     parser.error("--retrain, --ablation and --demo-args belong to the demo pipeline (--stage demo)")
 if args.resume:  # the saved options win, except the runtime ones
