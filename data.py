@@ -1,5 +1,5 @@
 """Data for S2D: readers for the six datasets' official split files, PyAV decoding, the paper's clip sampling
-(SPEC.md section 4), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
+(paper Sec. IV-B), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
 
     python data.py make-demo --out data/demo                        # procedural face videos, FERV39K layout
     python data.py check --dataset dfew --root DATA/DFEW --fold 1   # decodes every clip, lists the bad ones
@@ -27,7 +27,7 @@ from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger("data")
 
-# ---- label spaces, in each dataset's label order (SPEC.md section 5)
+# ---- label spaces, in each dataset's label order (README, Datasets)
 CLASSES = {
     "dfew": ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear"),
     "ferv39k": ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"),
@@ -317,7 +317,7 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
         raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
 
 
-# ---- sampling (SPEC.md section 4)
+# ---- sampling (paper Sec. IV-B)
 def train_indices(length, num_frames, rate, rng):
     """T frames `rate` apart at a random offset; a clip shorter than the span repeats its last frame."""
     span = (num_frames - 1) * rate + 1

@@ -176,7 +176,7 @@ class S2D(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        """The released model's initialisation (SPEC.md section 2); TMAs grown on an image model start so too."""
+        """The released model's initialisation (README, The model); TMAs grown on an image model start so too."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -261,8 +261,8 @@ VIDEO_STAGE = ("landmark_embed.", "mcp.", "tma.", "prompt_norms.", "temporal_emb
 
 
 def set_trainable(model: S2D, stage: str):
-    """'video': the adapted set of SPEC.md section 2 trains, the ViT is frozen. 'image' / 'all': everything
-    trains (the landmark detector is a separate frozen module, landmarks.LandmarkFeatures)."""
+    """'video': the adapted set (paper Sec. IV-B: MCPs, TMAs, norms, classifier) trains, the ViT is frozen.
+    'image' / 'all': everything trains (the landmark detector is a separate frozen module, landmarks.LandmarkFeatures)."""
     if stage not in ("video", "image", "all"):
         raise ValueError(f"stage must be 'video', 'image' or 'all', got {stage!r}")
     for name, p in model.named_parameters():

@@ -206,7 +206,7 @@ def test_load_model_ours_and_released(tmp_path):
     ours, _ = load_model(save_checkpoint(tmp_path / "ours.pth", model), "cpu")
     args = argparse.Namespace(data_set="DFEW", batch_size=8)  # the release pickles its arguments beside the weights
     released = to_released(model.state_dict())
-    dead = model.cfg.depth - 1  # the release stores one more prompt norm than it uses (SPEC.md section 2)
+    dead = model.cfg.depth - 1  # the release stores one more prompt norm than it uses (README, The model)
     released |= {f"prompt_norms.{dead}.weight": torch.ones(192), f"prompt_norms.{dead}.bias": torch.zeros(192)}
     torch.save({"model": released, "args": args}, tmp_path / "released.pth")
     released, ckpt = load_model(str(tmp_path / "released.pth"), "cpu")
