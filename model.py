@@ -262,7 +262,7 @@ VIDEO_STAGE = ("landmark_embed.", "mcp.", "tma.", "prompt_norms.", "temporal_emb
 
 def set_trainable(model: S2D, stage: str):
     """'video': the adapted set (paper Sec. IV-B: MCPs, TMAs, norms, classifier) trains, the ViT is frozen.
-    'image' / 'all': everything trains (the landmark detector is a separate frozen module, landmarks.LandmarkFeatures)."""
+    'image' / 'all': everything trains (the landmark detector is a separate frozen module, LandmarkFeatures)."""
     if stage not in ("video", "image", "all"):
         raise ValueError(f"stage must be 'video', 'image' or 'all', got {stage!r}")
     for name, p in model.named_parameters():
