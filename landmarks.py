@@ -288,10 +288,14 @@ def train_landmarks(train, test, preset="mobilefacenet_tiny", epochs=6, batch_si
         net.output_layer.bn.bias.copy_(points.flatten(1).mean(0))
         net.output_layer.bn.weight.copy_(points.flatten(1).std(0))
     steps = epochs * (len(frames) // batch_size)
+    if steps < 2:
+        raise ValueError(f"train_landmarks: {len(frames)} training frames give {steps} steps of batch {batch_size}; "
+                         "give more frames or a smaller batch")
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 10)
+    decay = max(1, steps - warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over a tenth of the steps, then cosine to 0
-        optimizer, lambda k: min((k + 1) / warmup, 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup)))))
+        optimizer, lambda k: min((k + 1) / warmup, 0.5 * (1 + math.cos(math.pi * (k - warmup) / decay))))
     history = []
     for epoch in range(epochs):
         net.train()

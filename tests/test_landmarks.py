@@ -189,3 +189,29 @@ def test_read_frames_and_cli(tmp_path, capsys):
         warnings.simplefilter("ignore")
         landmarks.main(["--video", str(tmp_path / "001.png")])
     assert "features (1, 1, 128, 14, 14), points (1, 1, 68, 2)" in capsys.readouterr().out
+
+
+def test_training_on_ground_truth_points_lowers_the_nme():
+    # 96 frames whose 68 points are a fixed face shifted with a bright square (64 to train): the net must follow it
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(68, 2, generator=gen) * 0.3 + 0.35
+    shift = torch.rand(96, 1, 2, generator=gen) * 0.3 - 0.15
+    frames = torch.zeros(96, 3, 112, 112, dtype=torch.uint8)
+    for i, (dx, dy) in enumerate(shift[:, 0]):
+        x, y = int((0.5 + dx) * 112), int((0.5 + dy) * 112)
+        frames[i, :, y - 12:y + 12, x - 12:x + 12] = 255
+    points = base + shift
+    train, test = (frames[:64], points[:64]), (frames[64:], points[64:])
+    checkpoint, history = landmarks.train_landmarks(train, test, epochs=6, batch_size=16, lr=3e-3)
+    assert history[-1]["test_nme"] < history[0]["test_nme"] and checkpoint["preset"] == "mobilefacenet_tiny"
+
+
+
+def test_a_trained_checkpoint_records_its_preset(tmp_path):
+    net = landmarks.MobileFaceNet(**landmarks.PRESETS["mobilefacenet_tiny"])
+    torch.save(dict(state_dict=net.state_dict(), config=landmarks.PRESETS["mobilefacenet_tiny"]), tmp_path / "lm.pt")
+    loaded = LandmarkFeatures(tmp_path / "lm.pt")
+    assert loaded.feature_width == 32 and loaded(torch.randn(1, 3, 2, 112, 112)).shape == (1, 2, 32, 14, 14)
+    with pytest.raises(ValueError, match="train_landmarks: 8 training frames give 0 steps"):
+        landmarks.train_landmarks((torch.zeros(8, 3, 112, 112, dtype=torch.uint8), torch.rand(8, 68, 2)),
+                                  (torch.zeros(2, 3, 112, 112, dtype=torch.uint8), torch.rand(2, 68, 2)))
