@@ -433,6 +433,11 @@ def normalise(x):  # (T, 3, S, S) in [0, 1] -> (3, T, S, S) ImageNet-normalised
     return ((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)).permute(1, 0, 2, 3)
 
 
+def to_tensor(frames):
+    """uint8 (T, H, W, 3) frames at their own size -> (3, T, H, W), ImageNet-normalised."""
+    return normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
+
+
 def train_view(frames, size, aug, rng):
     """Training clip (3, T, size, size) from uint8 (T, H, W, 3): one augmentation draw for all frames."""
     x = _resize(frames, _crop_box(*frames.shape[1:3], aug, rng), size)

@@ -18,13 +18,12 @@ import statistics
 from contextlib import nullcontext
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-
-import av
-import numpy as np
 
 import data
 from data import CLASSES, ClipDataset, Sample, dataset_files, read_split
@@ -257,16 +256,14 @@ def mcp_gates(model, video, lm_feats, layer=0):
 def demo_pictures(video_run, landmark_weights, root):
     """The demo's three pictures in video_run: landmarks.png, gate.png, confusion.png; returns their paths."""
     video_run, root = Path(video_run), Path(root)
-    ckpt = safe_load(video_run / "best.pt")
-    model = S2D(S2DConfig(**ckpt["config"])).eval()
-    model.load_state_dict(ckpt["model"])
+    model, _ = load_model(video_run / "best.pt", "cpu", show=lambda *_: None)
     lm = LandmarkFeatures(landmark_weights)
     sample = next(s for s in read_split("demo", root / "test.csv") if s.label == CLASSES["demo"].index("Happy"))
     frames = data.load_clip(sample, root)  # (T, S, S, 3) uint8
     truth = data.demo_points(root, sample)  # (T, 68, 2) pixels
     n = model.cfg.num_frames if model.cfg.video else 6  # the frames the model takes, first to last of the clip
     pick = np.linspace(0, len(frames) - 1, n).round().astype(int)
-    video = data.normalise(torch.from_numpy(frames[pick]).permute(0, 3, 1, 2).float() / 255)[None]  # (1, 3, n, S, S)
+    video = data.to_tensor(frames[pick])[None]  # (1, 3, n, S, S)
     feats, points = lm(video, return_points=True)
     predicted = points[0].numpy() * np.array([frames.shape[2], frames.shape[1]])  # [0, 1] -> pixels
     gates = mcp_gates(model, video, feats)

@@ -91,7 +91,7 @@ class GDC(nn.Module):
 PRESETS = {
     # the public checkpoint mobilefacenet_model_best.pth.tar: 1,007,248 parameters, conv_4 = 128 x 14 x 14
     "mobilefacenet": dict(width=64, feature_width=128, head_width=512, blocks=(4, 6, 2)),
-    # the demo's landmark view, trained by `train.py --stage landmarks`: the same layers, narrower and shallower
+    # the demo's landmark view, trained by `landmarks.py --train`: the same layers, narrower and shallower
     "mobilefacenet_tiny": dict(width=16, feature_width=32, head_width=128, blocks=(1, 2, 1)),
 }
 
@@ -133,7 +133,7 @@ class LandmarkFeatures(MobileFaceNet):
 
     The module is always in eval mode: `.train()` leaves it in eval, so BatchNorm keeps its running statistics,
     and no parameter requires grad. `weights`: the public checkpoint (the full preset) or one written by
-    `train.py --stage landmarks` (which records its preset). With `weights=None` the detector of `preset` is
+    `landmarks.py --train` (which records its preset). With `weights=None` the detector of `preset` is
     untrained: it warns once per process, and its weights are drawn from a generator seeded with RANDOM_INIT_SEED
     (the global RNG is left untouched), so every process builds the very same random detector.
     Frames run in channels-last memory order, which is about twice as fast on CPU for the depthwise layers.
@@ -172,7 +172,7 @@ class LandmarkFeatures(MobileFaceNet):
         to [0, 1] over the 112 x 112 crop, i.e. over the input frame (0 = left/top edge, 1 = right/bottom edge).
         For the public checkpoint this convention is assumed from the public detector's demo code (it maps a point
         back to the image as crop_corner + point * crop_size); it is not stored in the checkpoint. The detectors
-        that `train.py --stage landmarks` trains use it by construction. With random weights the points are
+        that `landmarks.py --train` trains use it by construction. With random weights the points are
         meaningless. Input: RGB, ImageNet mean/std; for the public checkpoint the channel order is unconfirmed (the
         public demo we read, of another backbone, used OpenCV's BGR).
         """
@@ -236,7 +236,7 @@ def read_frames(path):
     """An image file or a folder of frames (natural order, data.py's reader) -> (1, 3, T, H, W), ImageNet-normalised."""
     path = Path(path)
     frames = data.load_clip(data.Sample(path.name, 0), path.parent)  # uint8 (T, H, W, 3)
-    return data.normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255).unsqueeze(0)
+    return data.to_tensor(frames).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- training on ground-truth points

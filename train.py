@@ -268,7 +268,8 @@ if args.resume:  # the saved options win, except the runtime ones
     runtime = {k: getattr(args, k) for k in RUNTIME_OPTIONS}
     ckpt = safe_load(Path(args.resume) / "last.pt")
     args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
-    args.workers = ckpt["args"].get("workers") or 0 if args.workers is None else args.workers
+    if args.workers is None:  # not given again: as the run had it
+        args.workers = ckpt["args"].get("workers") or 0
     for name, value in dict(val_every=1, sampling_rate=1, no_mcp=False, no_tma=False,
                             landmark_preset="mobilefacenet").items():  # runs saved before these options existed
         args.__dict__.setdefault(name, value)
@@ -345,7 +346,7 @@ if not args.no_mcp:
     landmark_net = landmarks.LandmarkFeatures(args.landmark_weights, args.landmark_preset).to(device)
 model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage or args.no_tma,
                     kernels=args.kernels, mcp=not args.no_mcp,
-                    landmark_channels=landmark_net.feature_width if landmark_net else 128)
+                    landmark_channels=landmark_net.feature_width if landmark_net is not None else 128)
 if args.init and not args.resume:
     load_checkpoint(model, args.init)
 scope = "image" if image_stage else ("video" if args.init else "all")
@@ -541,7 +542,7 @@ for epoch in range(start_epoch, args.epochs):
         lam = sdl_weight(epoch + step_in_epoch / steps_per_epoch)
         with model.no_sync() if ddp and not last_micro else nullcontext():
             with autocast():
-                lm_feats = landmark_net(video) if landmark_net else None  # (B, T, 128, 14, 14), frozen, no grad
+                lm_feats = landmark_net(video) if landmark_net is not None else None  # (B, T, C, 14, 14), no grad
                 logits, features = model(video, lm_feats)  # (B, classes), (B, C)
             soft = anchors.soft_labels(features) if lam > 0 else None  # Eq. (16)-(18), queues as they are
             loss, ce, bce = sdl_loss(logits, labels, soft, lam)
