@@ -742,15 +742,15 @@ def demo_clip(label, rng, size=112):
     return np.stack(frames), np.stack(points).astype(np.float32), intensity
 
 
-def _write_frames(folder, frames):
-    """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally)."""
+def _write_frames(folder, frames, names=None):
+    """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally), or names[k].jpg."""
     folder.mkdir(parents=True)
     codec = av.CodecContext.create("mjpeg", "w")  # every JPEG frame is coded on its own
     codec.width, codec.height, codec.pix_fmt, codec.time_base = frames.shape[2], frames.shape[1], "yuvj420p", 1
     codec.options = {"qmin": "1", "qmax": "3"}
     for k, frame in enumerate(frames, 1):
         packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p"))
-        (folder / f"{k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
+        (folder / f"{names[k - 1] if names else k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
 
 
 def _write_video(path, frames, fps=25):
@@ -774,8 +774,11 @@ def _demo_item(job):
     landmarks.parent.mkdir(parents=True, exist_ok=True)
     np.save(landmarks, points)
     shown = np.flatnonzero(intensity >= 0.5 * intensity.max())[::2]  # every other frame at half the peak or more
-    stills = [] if rel.endswith(".mp4") else [f"{rel}/{f + 1}.jpg,{label}" for f in shown]
-    return f"{rel},{label}", stills
+    folder = rel
+    if rel.endswith(".mp4"):  # the stills of a video clip are written as images of their own, under stills/
+        folder = str(Path("stills", *Path(rel).with_suffix("").parts[1:]))
+        _write_frames(out / folder, frames[shown], names=[f + 1 for f in shown])
+    return f"{rel},{label}", [f"{folder}/{f + 1}.jpg,{label}" for f in shown]
 
 
 def demo_points(root, sample):
@@ -788,8 +791,9 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=112, mp4_every=4
     clips/<Class>/<nnnn>/<k>.jpg, every mp4_every-th clip as clips/<Class>/<nnnn>.mp4 instead, and the ground-truth
     landmarks (T, 68, 2) in pixels as landmarks/<Class>/<nnnn>.npy. num_clips (default 490) is split evenly over
     the 7 classes, a fifth of each class held out for test. stills_train.csv / stills_test.csv list every other
-    frame showing at least half its clip's peak expression, of every frame-folder clip, as still images (the image
-    stage's data, a miniature AffectNet). Written into a temporary folder that is renamed at the end, so a crash
+    frame showing at least half its clip's peak expression, of every clip, as still images (the image stage's data,
+    a miniature AffectNet): files of the frame folders, and for an mp4 clip the rendered frames as JPEG files
+    stills/<Class>/<nnnn>/<k>.jpg. Written into a temporary folder that is renamed at the end, so a crash
     leaves no complete-looking dataset."""
     out, per_class = Path(out_dir), max(2, (num_clips or 490) // 7)
     if out.exists() and any(out.iterdir()):

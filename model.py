@@ -37,11 +37,16 @@ class S2DConfig:
     tma_heads: int = 8  # T-MSA heads; head width D = adapter_dim // tma_heads = 24
     fovea_init: float = 10.0  # initial sharpness s of the Fovea gate
     head_dropout: float = 0.0
+    # a model trained from scratch (the demo) starts from MAE's fixed 2-D sin-cos position embedding (the paper's
+    # backbone is an MAE ViT-B/16, whose pos_embed is that); "normal": trunc-normal 0.02 like the other embeddings
+    pos_init: str = "sincos"
     kernels: str = "auto"  # "triton" | "torch" | "auto" (triton on CUDA, torch elsewhere)
 
     def __post_init__(self):
         if self.img_size % self.patch_size or self.img_size // self.patch_size != 14:
             raise ValueError(f"img_size / patch_size must be 14 (landmark grid), got {self.img_size}/{self.patch_size}")
+        if self.pos_init not in ("sincos", "normal"):
+            raise ValueError(f"pos_init must be 'sincos' or 'normal', got {self.pos_init!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
 
@@ -96,6 +101,17 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def sincos_pos_embed(width, grid):
+    """(1, grid*grid + 1, width): a zero row for CLS, then per patch (row r, column c) sin and cos of c and of r at
+    width/4 frequencies 1 / 10000^(k / (width/4)), as MAE's ViT."""
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (C/4,)
+    r, c = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing="ij")
+    angles = [pos.reshape(-1, 1) * freqs for pos in (c, r)]  # (N, C/4) each
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (N, C)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()[None]
 
 
 # ----------------------------------------------------------------------------- MCP: Multi-View Complementary Prompter
@@ -190,6 +206,9 @@ class S2D(nn.Module):
                 nn.init.xavier_uniform_(lin.weight)
         for p in (self.cls_token, self.pos_embed) + ((self.temporal_embed,) if self.cfg.video else ()):
             nn.init.trunc_normal_(p, std=0.02)
+        if self.cfg.pos_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed(self.cfg.width, self.cfg.grid))
 
     def _kernels(self, device):
         use_triton = self.cfg.kernels == "triton" or (self.cfg.kernels == "auto" and device.type == "cuda")

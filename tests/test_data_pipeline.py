@@ -249,18 +249,22 @@ def test_demo_round_trips_frames_landmarks_and_labels(demo):
         assert np.array_equal(data.demo_points(demo, sample), points)
 
 
-def test_demo_stills_are_expressive_frames_of_frame_folder_clips(demo):
-    assert (demo / "stills_test.csv").read_text() == "path,id\n"  # this tiny demo's test clips are all mp4
-    for split in ("train",):
+def test_demo_stills_are_expressive_frames_of_every_clip(demo):
+    for split in ("train", "test"):  # this tiny demo's test clips are all mp4: their stills are files of their own
         clips = {s.path: s.label for s in data.read_split("demo", demo / f"{split}.csv")}
         stills = data.read_split("demo_image", demo / f"stills_{split}.csv")
-        assert stills and {s.label for s in stills} == {s for p, s in clips.items() if not p.endswith(".mp4")}
+        assert stills and {s.label for s in stills} == set(clips.values())
         for still in stills:
             folder, frame = still.path.rsplit("/", 1)
-            assert clips[folder] == still.label and (demo / still.path).is_file()
-            _, _, intensity = data.demo_clip(still.label, np.random.default_rng([3, still.label, int(folder[-4:])]))
-            shown = np.flatnonzero(intensity >= 0.5 * intensity.max())
-            assert int(frame[:-4]) - 1 in shown[::2]  # every other frame at half the peak or more; files count from 1
+            clip = folder if folder.startswith("clips/") else "clips/" + folder.split("/", 1)[1] + ".mp4"
+            assert folder.startswith(("clips/", "stills/")) and clips[clip] == still.label
+            rng = np.random.default_rng([3, still.label, int(folder[-4:])])
+            frames, _, intensity = data.demo_clip(still.label, rng)
+            shown, k = np.flatnonzero(intensity >= 0.5 * intensity.max()), int(frame[:-4]) - 1  # files count from 1
+            assert k in shown[::2]  # every other frame at half the peak or more
+            decoded = data.decode_image(demo / still.path)  # the rendered frame as JPEG, not the H.264 frame
+            assert np.abs(decoded.astype(int) - frames[k]).mean() < 6
+        assert {s.path.startswith("stills/") for s in stills} == {clip.endswith(".mp4") for clip in clips}
     ds = ClipDataset(stills, demo, "eval", num_frames=16, image_size=112, **data.eval_views("demo_image"))
     assert ds[0]["video"].shape == (3, 1, 112, 112) and len(ds) == len(stills)
 

@@ -44,7 +44,7 @@ def ran(stdout):
 @pytest.fixture(scope="module")
 def first_run(demo, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    return runs, pipeline(demo, runs)
+    return runs, pipeline(demo, runs, "--procs", "2")  # what `python train.py` does on a 2-core machine
 
 
 def test_stages_wire_together(first_run):
@@ -57,8 +57,11 @@ def test_stages_wire_together(first_run):
     image = json.loads((runs / "demo-image" / "config.json").read_text())
     assert image["args"]["landmark_weights"] == str(weights) and image["args"]["stage"] == "image"
     assert image["model"]["mcp"] and not image["model"]["video"]
+    assert image["world_size"] == 2 and image["total_batch"] == 8 and image["args"]["workers"] == 0
+    assert "OMP_NUM_THREADS=1 " in stdout and "torch.distributed.run --standalone --nproc_per_node=2" in stdout
     assert image["model"]["landmark_channels"] == lm["config"]["feature_width"] == 32
     video = json.loads((runs / "demo-video" / "config.json").read_text())
+    assert video["world_size"] == 2
     assert video["args"]["init"] == str(runs / "demo-image" / "best.pt") and video["model"]["video"]
     assert video["args"]["landmark_weights"] == str(weights)
     assert "frozen check: the" in stdout and "bit-identical" in stdout
@@ -82,6 +85,13 @@ def test_a_missing_stage_is_redone_and_retrain_redoes_what_follows(demo, first_r
     (runs / "demo-video" / "results.json").unlink()  # as if the video stage had been stopped half way
     assert ran(pipeline(demo, runs)) == ["video stage"]
     assert ran(pipeline(demo, runs, "--retrain", "image")) == ["image stage", "video stage"]
+
+
+def test_procs_that_cannot_share_the_batch_are_refused(demo, tmp_path):
+    cmd = [sys.executable, TRAIN, "--data-root", str(demo), "--out", str(tmp_path), "--procs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1 and "--procs 3: the demo's total batch of 8 needs 1, 2, 4 or 8" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
 def test_video_stage_keeps_the_frozen_set_bit_identical(tmp_path):

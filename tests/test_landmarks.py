@@ -215,3 +215,26 @@ def test_a_trained_checkpoint_records_its_preset(tmp_path):
     with pytest.raises(ValueError, match="train_landmarks: 8 training frames give 0 steps"):
         landmarks.train_landmarks((torch.zeros(8, 3, 112, 112, dtype=torch.uint8), torch.rand(8, 68, 2)),
                                   (torch.zeros(2, 3, 112, 112, dtype=torch.uint8), torch.rand(2, 68, 2)))
+
+
+def test_folded_batchnorm_gives_the_unfolded_networks_features_and_points(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])  # BatchNorm statistics far from 0 / 1
+    torch.save({"state_dict": sd}, tmp_path / "lm.pth")
+    folded = LandmarkFeatures(weights=tmp_path / "lm.pth")
+    plain = landmarks.MobileFaceNet().eval()
+    plain.load_state_dict(sd)
+    assert all(hasattr(m, "fused_weight") for m in folded.modules() if isinstance(m, landmarks.ConvBlock))
+    assert all(torch.equal(folded.state_dict()[k], v) for k, v in sd.items())  # the checkpoint's tensors, as loaded
+    video = torch.randn(2, 3, 3, 112, 112)
+    feats, points = folded(video, return_points=True)
+    with torch.no_grad():
+        want_feats, want_points = plain(video.transpose(1, 2).reshape(6, 3, 112, 112))
+    torch.testing.assert_close(feats, want_feats.reshape(feats.shape), rtol=0, atol=1e-4)
+    torch.testing.assert_close(points, want_points.reshape(points.shape), rtol=0, atol=1e-4)
+    # loading other weights afterwards folds again from them
+    other = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    folded.load_state_dict(other)
+    plain.load_state_dict(other)
+    with torch.no_grad():
+        want = plain.features(video.transpose(1, 2).reshape(6, 3, 112, 112))
+    torch.testing.assert_close(folded(video), want.reshape(feats.shape), rtol=0, atol=1e-4)

@@ -1,5 +1,6 @@
 """model.py: shapes, parameter counts, what trains, the image/video relation, checkpoint loading and safety."""
 import argparse
+import math
 import os
 from dataclasses import asdict
 
@@ -218,3 +219,21 @@ def test_bad_config_is_refused():
         M.build_model("s2d_tiny", 7, 2, img_size=128)
     with pytest.raises(ValueError, match="unknown model"):
         M.build_model("s2d_huge", 7, 2)
+
+
+def test_a_model_from_scratch_starts_from_maes_sincos_position_embedding():
+    C, G = 96, 14
+    table = M.sincos_pos_embed(C, G)[0]  # (1 + G*G, C)
+    assert table.shape == (1 + G * G, C) and torch.equal(table[0], torch.zeros(C))  # CLS: no position
+    r, c, k = 3, 11, 5  # patch in row 3, column 11; frequency k of C/4 = 24
+    freq = 10000.0 ** (-k / (C // 4))
+    patch = table[1 + r * G + c]
+    expect = [math.sin(c * freq), math.cos(c * freq), math.sin(r * freq), math.cos(r * freq)]
+    got = [patch[k + j * (C // 4)].item() for j in range(4)]  # blocks: sin(col), cos(col), sin(row), cos(row)
+    assert got == pytest.approx(expect, abs=1e-6)
+    model = M.build_model("s2d_tiny", num_classes=7, num_frames=2)
+    assert torch.equal(model.pos_embed.detach(), table[None])
+    normal = M.build_model("s2d_tiny", num_classes=7, num_frames=2, pos_init="normal").pos_embed
+    assert 0.01 < normal.std() < 0.03  # the release's trunc-normal 0.02
+    with pytest.raises(ValueError, match="pos_init must be 'sincos' or 'normal', got 'learned'"):
+        M.build_model("s2d_tiny", num_classes=7, num_frames=2, pos_init="learned")
