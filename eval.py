@@ -299,10 +299,31 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write per-clip predictions to this CSV (index, path, label, pred, prob per class)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--allow-other-classes", action="store_true",
+                   help="evaluate even when the checkpoint's classes are not --dataset's (by default it stops)")
     args = p.parse_args(argv)
     if not args.video and not (args.dataset and args.data_root):
         p.error("give --dataset and --data-root (a test split), or --video (one clip)")
+    if args.out:  # found before the evaluation, not after it
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            p.error(f"--out {args.out}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or os.path.isdir(args.out):
+            p.error(f"--out {args.out}: cannot write a file there")
     return args
+
+
+def check_classes(path, ckpt, dataset, num_classes, allow=False):
+    """Stop unless the checkpoint's classes are `dataset`'s, in the same order: the recorded names (train.py
+    saves them), else at least their number (the released files record none)."""
+    want = list(CLASSES[dataset])
+    have = ckpt.get("classes") if isinstance(ckpt, dict) else None
+    if allow or (have == want if have else num_classes == len(want)):
+        return
+    got = f"the classes {have}" if have else f"{num_classes} classes"
+    raise SystemExit(f"eval.py: {path} was trained on {got}, but --dataset {dataset} has {len(want)}: {want}. "
+                     "Its predictions would be read as the wrong classes; pass the checkpoint of this dataset, or "
+                     "--allow-other-classes to evaluate anyway")
 
 
 def parse_folds(args):
@@ -388,6 +409,7 @@ def views_dataset(args, ckpt, model, samples, media_root, views):
 def eval_fold(args, fold, device, show):
     path = args.checkpoint.format(fold=fold) if "{fold}" in args.checkpoint else args.checkpoint
     model, ckpt = load_model(path, device, show)
+    check_classes(path, ckpt, args.dataset, model.cfg.num_classes, args.allow_other_classes)
     landmark_net = landmark_view(args, ckpt, model, device, show)
     files = dataset_files(args.dataset, args.data_root, fold=fold)
     samples = read_split(args.dataset, files.test)

@@ -51,7 +51,7 @@ import data
 import landmarks
 from eval import demo_pictures, evaluate, format_report
 from loss import SCHEDULES, EmotionAnchors, lambda_at, sdl_loss
-from model import build_model, load_checkpoint, no_weight_decay, safe_load, set_trainable
+from model import VIDEO_STAGE, build_model, load_checkpoint, no_weight_decay, safe_load, set_trainable
 
 # ----------------------------------------------------------------------------- options
 # Options left unset take the default of the run kind. The demo's are measured (README, "The demo"): its image
@@ -88,6 +88,9 @@ add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
 add("--model", choices=("s2d_base", "s2d_tiny"), help="preset (default: s2d_tiny for the demo, s2d_base otherwise)")
 add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
                    "ours or the released pretrain-AffectNet-7.pth (video stage)")
+add("--allow-partial-init", action="store_true",
+    help="start even when --init leaves some of the backbone unloaded (by default the run stops before its first "
+         "step: the video stage needs every tensor it freezes, the image stage the whole ViT)")
 add("--landmark-weights", help="MobileFaceNet checkpoint: mobilefacenet_model_best.pth.tar, or the landmarks.pt of "
                                "landmarks.py --train; default: an untrained detector (a warning says so)")
 add("--landmark-preset", choices=sorted(landmarks.PRESETS),
@@ -362,9 +365,25 @@ if not args.no_mcp:
 model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage or args.no_tma,
                     kernels=args.kernels, mcp=not args.no_mcp,
                     landmark_channels=landmark_net.feature_width if landmark_net is not None else 128)
-if args.init and not args.resume:
-    load_checkpoint(model, args.init)
 scope = "image" if image_stage else ("video" if args.init else "all")
+if args.init and not args.resume:
+    report = load_checkpoint(model, args.init)
+    # what this stage cannot start without: the video stage freezes everything but its set, so all of that must
+    # come from the checkpoint; the image stage fine-tunes the ViT, which must come from it
+    backbone = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
+    needed = [n for n, _ in model.named_parameters()
+              if (not n.startswith(VIDEO_STAGE) if scope == "video" else n.startswith(backbone))]
+    absent = [n for n in needed if n not in set(report.loaded)]
+    if absent and not args.allow_partial_init:
+        shapes = {n: (a, b) for n, a, b in report.mismatched}
+        why = [f"shape mismatch {n}: checkpoint {tuple(shapes[n][0])}, model {tuple(shapes[n][1])}"
+               if n in shapes else f"{n} not in the checkpoint" for n in absent[:3]]
+        why = "; ".join(why)
+        sys.exit(f"train.py: --init {args.init} does not fit the {args.model} {args.stage} model: {len(absent)} of "
+                 f"the {len(needed)} tensors this stage {'freezes' if scope == 'video' else 'fine-tunes'} were not "
+                 f"loaded ({len(report.loaded)} loaded, {len(report.mismatched)} shape mismatches, "
+                 f"{len(report.unexpected)} unexpected); first: {why}. Check --init and --model; "
+                 "--allow-partial-init starts anyway")
 n_trainable, n_total = set_trainable(model, scope)
 model.to(device)
 anchors = EmotionAnchors(len(classes), model.cfg.width, init="empty" if args.sdl_refresh == "step" else "random")

@@ -255,3 +255,29 @@ def test_cli_report_csv_and_single_clip(tmp_path, capsys):
     clip = {line.split()[0]: float(line.split()[1]) for line in lines[-7:]}
     assert sorted(clip) == sorted(names)
     torch.testing.assert_close(torch.tensor([clip[n] for n in names]), probs[0], atol=2e-4, rtol=0)
+
+
+def test_a_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, capsys):
+    root = make_frames_dataset(tmp_path / "demo")
+    model, _ = tiny_model()
+    dfew = save_checkpoint(tmp_path / "dfew.pth", model, classes=list(data.CLASSES["dfew"]))  # another order
+    eleven = save_checkpoint(tmp_path / "eleven.pth", build_model("s2d_tiny", num_classes=11, num_frames=2))
+    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0"]
+    run = ["--dataset", "demo", "--data-root", str(root)] + views
+    with pytest.raises(SystemExit, match=r"dfew.pth was trained on the classes \['happy', 'sad', 'neutral', 'angry', "
+                                         r"'surprise', 'disgust', 'fear'\], but --dataset demo has 7: \['Angry', "
+                                         r"'Disgust', 'Fear', 'Happy', 'Neutral', 'Sad', 'Surprise'\]"):
+        eval_main(["--checkpoint", dfew] + run)
+    with pytest.raises(SystemExit, match=r"eleven.pth was trained on 11 classes, but --dataset demo has 7"):
+        eval_main(["--checkpoint", eleven] + run)  # no names recorded (as the released files): the count decides
+    eval_main(["--checkpoint", dfew, "--allow-other-classes"] + run)  # asked for: it runs
+    assert "UAR" in capsys.readouterr().out
+    same = save_checkpoint(tmp_path / "same.pth", model, classes=list(data.CLASSES["demo"]))
+    eval_main(["--checkpoint", same] + run)
+
+
+def test_an_unwritable_out_is_refused_before_evaluating(tmp_path, capsys):
+    for out, why in ((tmp_path / "missing" / "p.csv", "does not exist"), (tmp_path, "cannot write a file there")):
+        with pytest.raises(SystemExit) as stop:
+            eval_parse_args(["--checkpoint", "c", "--dataset", "demo", "--data-root", "r", "--out", str(out)])
+        assert stop.value.code == 2 and why in capsys.readouterr().err

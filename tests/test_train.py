@@ -140,3 +140,29 @@ def test_val_every_validates_every_nth_epoch_and_the_last(demo, tmp_path):
     assert results["best"]["epoch"] in (1, 2)
     if results["best"]["epoch"] == 2:  # the best is the last model: its test pass is not run twice
         assert results["best"] == results["last"]
+
+
+def test_an_init_that_does_not_fit_stops_before_the_first_step(demo, tmp_path):
+    from model import build_model
+
+    image = build_model("s2d_tiny", 7, 1, image_model=True).state_dict()
+    torch.save({"model": image}, tmp_path / "image.pt")  # fits: the frozen set loads in full
+    torch.save({"model": {k: v for k, v in image.items() if not k.startswith("blocks.3.")}}, tmp_path / "cut.pt")
+    wide = build_model("s2d_tiny", 7, 1, image_model=True, width=48, heads=2, adapter_dim=12).state_dict()
+    torch.save({"model": wide}, tmp_path / "wide.pt")  # another width: every frozen tensor mismatches
+    torch.save({"state_dict": {"conv1.conv.weight": torch.zeros(16, 3, 3, 3)}}, tmp_path / "landmarks.pt")
+    for name, absent, what in (("cut", 12, "first: blocks.3.norm1.weight not in the checkpoint"),
+                               ("wide", 52, "first: shape mismatch cls_token: checkpoint (1, 1, 48), model (1, 1, 96)"),
+                               ("landmarks", 52, "first: cls_token not in the checkpoint")):
+        proc = train(demo, tmp_path / name, "--epochs", "1", "--init", str(tmp_path / f"{name}.pt"), check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        message = proc.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"train.py: --init {tmp_path / f'{name}.pt'} does not fit the s2d_tiny video model:")
+        assert f"{absent} of the 52 tensors this stage freezes were not loaded" in message and what in message
+        assert "Traceback" not in proc.stderr and not (tmp_path / name / "last.pt").exists()
+    allowed = train(demo, tmp_path / "allowed", "--epochs", "1", "--init", str(tmp_path / "cut.pt"),
+                    "--allow-partial-init", "--stop-after-steps", "1")
+    assert "stopped by --stop-after-steps 1" in allowed.stdout
+    fits = train(demo, tmp_path / "fits", "--epochs", "1", "--init", str(tmp_path / "image.pt"),
+                 "--stop-after-steps", "1")
+    assert "does not fit" not in fits.stderr and (tmp_path / "fits" / "last.pt").exists()
