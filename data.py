@@ -317,6 +317,45 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
         raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
 
 
+def split_validation(samples, fraction, seed, group=lambda s: s.path):
+    """Seeded per-class hold-out: class c gives round(fraction * n_c) of its groups of samples to validation (a
+    group: samples that must not be split, e.g. the stills of one demo clip)."""
+    gen = torch.Generator().manual_seed(seed)
+    held = set()
+    for c in sorted({s.label for s in samples}):
+        groups = sorted({group(s) for s in samples if s.label == c})
+        order = torch.randperm(len(groups), generator=gen).tolist()
+        held.update(groups[j] for j in order[: round(fraction * len(groups))])
+    return [s for s in samples if group(s) not in held], [s for s in samples if group(s) in held]
+
+
+def header_problem(sample, media_root):
+    """What is wrong with a sample at a glance, or None: its file or frame folder exists, a folder holds frame
+    images, a video file opens with a video stream (its header only, nothing decoded), an image is not empty.
+    `data.py check` decodes every frame; this is the cheap check a run makes before it trains."""
+    if sample.pixels is not None:
+        return None
+    try:
+        path = resolve(media_root, sample.path)
+        if path.is_dir():
+            return None if list_frames(path) else f"{path}: a frame folder without {'/'.join(IMAGE_EXTS)} images"
+        if path.suffix.lower() in VIDEO_EXTS:
+            with av.open(str(path)) as container:
+                return None if container.streams.video else f"{path}: no video stream"
+        return None if path.stat().st_size > 0 else f"{path}: an empty file"
+    except ClipError as err:
+        return str(err)
+    except (av.FFmpegError, OSError) as err:
+        return f"{Path(media_root, sample.path)}: {type(err).__name__}: {err}"
+
+
+def header_problems(samples, media_root, workers=8):
+    """[(sample, problem)] for the samples header_problem finds fault with, in split order."""
+    with ThreadPoolExecutor(workers) as pool:
+        found = list(pool.map(lambda s: header_problem(s, media_root), samples))
+    return [(s, p) for s, p in zip(samples, found, strict=True) if p]
+
+
 # ---- sampling (paper Sec. IV-B)
 def train_indices(length, num_frames, rate, rng):
     """T frames `rate` apart at a random offset; a clip shorter than the span repeats its last frame."""

@@ -7,7 +7,7 @@ The demo, S2D in miniature on CPU (makes ./data/demo if it is missing; each fini
 The demo's stages one by one (what `python train.py` runs on a 2-core machine: 2 processes of one thread each):
     python landmarks.py --train --data-root data/demo --out runs/demo-landmarks
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --stage image --dataset demo_image \
-        --landmark-weights runs/demo-landmarks/landmarks.pt --batch-size 4 --workers 0 --out runs/demo-image
+        --landmark-weights runs/demo-landmarks/landmarks.pt --batch-size 8 --workers 0 --out runs/demo-image
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --stage video --init runs/demo-image/best.pt \
         --landmark-weights runs/demo-landmarks/landmarks.pt --batch-size 4 --workers 0 --out runs/demo-video
 Image stage, one 8-GPU node: full fine-tuning of an MAE ViT-B/16 on AffectNet-7:
@@ -60,7 +60,7 @@ KINDS = ("demo image", "demo video", "image", "video")
 RUN_DEFAULTS = {  # one value per kind, in KINDS order
     "model": ("s2d_tiny", "s2d_tiny", "s2d_base", "s2d_base"),
     "epochs": (7, 3, 20, 100),
-    "batch_size": (8, 8, 32, 8),
+    "batch_size": (16, 8, 32, 8),  # per process; the demo's stages keep these totals on several processes
     "num_frames": (1, 8, 1, 16),
     "sampling_rate": (1, 2, 1, 1),  # demo: 8 frames 2 apart span the 16-18 frame clip
     # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
@@ -140,7 +140,7 @@ add("--retrain", choices=("landmarks", "image", "video", "all"),
 add("--ablation", action="store_true", help="--stage demo: after the demo, the ablation table (README)")
 add("--ablation-seeds", type=int, default=3, help="--ablation: seeds per row (default 3)")
 add("--procs", type=int, help="--stage demo: processes per image / video stage, one thread each (default: 2 when "
-                              "the machine has 2 cores or more, else 1); the total batch stays 8")
+                              "the machine has 2 cores or more, else 1); the total batches stay 16 and 8")
 add("--demo-args", default="", help="--stage demo: options added to its image and video stages, e.g. "
                                    "\"--epochs 1\" for a quick smoke run (tests use it)")
 
@@ -168,16 +168,18 @@ class DemoStages:
         self.weights = str(self.runs / "demo-landmarks" / "landmarks.pt")
         self.procs = args.procs or (2 if (os.cpu_count() or 1) >= 2 else 1)
         if self.procs < 1 or 8 % self.procs:
-            sys.exit(f"train.py: --procs {self.procs}: the demo's total batch of 8 needs 1, 2, 4 or 8 processes")
+            sys.exit(f"train.py: --procs {self.procs}: the demo's total batches (16 image, 8 video) need 1, 2, 4 or "
+                     "8 processes")
 
-    def train(self, *options):
-        """This script with options; on several CPU processes (torchrun), one thread and the total batch 8 shared.
-        A small model's operations keep 2 threads of one process busy only part of the time: 2 processes with
-        1 thread each take an image-stage epoch in about 0.8 of the time (README, The demo)."""
+    def train(self, kind, *options):
+        """This script with options; on several CPU processes (torchrun), one thread each, sharing the kind's
+        total batch. A small model's operations keep 2 threads of one process busy only part of the time: 2
+        processes with 1 thread each take an image-stage epoch in about 0.8 of the time (README, The demo)."""
         if self.procs == 1:
             return [sys.executable, __file__, *options]
+        per_process = RUN_DEFAULTS["batch_size"][KINDS.index(kind)] // self.procs
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.procs}",
-                __file__, "--batch-size", str(8 // self.procs), "--workers", "0", *options]
+                __file__, "--batch-size", str(per_process), "--workers", "0", *options]
 
     def landmarks(self):
         out = self.runs / "demo-landmarks"
@@ -186,13 +188,13 @@ class DemoStages:
     def image(self, name="image", mcp=True):
         out = self.runs / f"demo-{name}"
         view = ["--landmark-weights", self.weights] if mcp else ["--no-mcp"]
-        return out, self.train("--data-root", self.root, "--stage", "image", "--dataset", "demo_image", *view,
-                               *self.extra, "--out", str(out))
+        return out, self.train("demo image", "--data-root", self.root, "--stage", "image", "--dataset",
+                               "demo_image", *view, *self.extra, "--out", str(out))
 
     def video(self, image="image", out=None, extra=()):
         out = out or self.runs / "demo-video"
         view = [] if "--no-mcp" in extra else ["--landmark-weights", self.weights]
-        return out, self.train("--data-root", self.root, "--stage", "video", *view, *self.extra,
+        return out, self.train("demo video", "--data-root", self.root, "--stage", "video", *view, *self.extra,
                                "--init", str(self.runs / f"demo-{image}" / "best.pt"), *extra, "--out", str(out))
 
 
@@ -339,22 +341,16 @@ files = data.dataset_files(args.dataset, root, fold=args.fold)
 classes = data.CLASSES[args.dataset]
 train_all = data.read_split(args.dataset, files.train)
 test_samples = data.read_split(args.dataset, files.test)
-
-
-def split_validation(samples, fraction, seed, group=lambda s: s.path):
-    """Seeded per-class hold-out: class c gives round(fraction * n_c) of its groups of samples to validation (a
-    group: samples that must not be split, e.g. the stills of one demo clip)."""
-    gen = torch.Generator().manual_seed(seed)
-    held = set()
-    for c in sorted({s.label for s in samples}):
-        groups = sorted({group(s) for s in samples if s.label == c})
-        order = torch.randperm(len(groups), generator=gen).tolist()
-        held.update(groups[j] for j in order[: round(fraction * len(groups))])
-    return [s for s in samples if group(s) not in held], [s for s in samples if group(s) in held]
+for split, samples in ((files.train, train_all), (files.test, test_samples)):  # found now, not after training
+    problems = data.header_problems(samples, files.media_root)
+    if problems:
+        first = "; ".join(p for _, p in problems[:3])
+        sys.exit(f"train.py: {len(problems)} of the {len(samples)} clips of {split} cannot be read: {first}. Fix the "
+                 f"list or the data (python data.py check --dataset {args.dataset} --root {root} decodes every clip)")
 
 
 same_clip = (lambda s: s.path.rsplit("/", 1)[0]) if args.dataset == "demo_image" else (lambda s: s.path)
-train_samples, val_samples = split_validation(train_all, args.val_fraction, args.seed, same_clip)
+train_samples, val_samples = data.split_validation(train_all, args.val_fraction, args.seed, same_clip)
 
 # ----------------------------------------------------------------------------- model, landmark view, SDL anchors
 torch.manual_seed(args.seed)  # the same initial model and anchors on every rank
@@ -616,15 +612,17 @@ for epoch in range(start_epoch, args.epochs):
                       f"{out / 'last.pt'} saved; continue with: python train.py --resume {out}")
     bar.close()
     meter["seconds"] += time.perf_counter() - t0
+    done, skip, meter = meter, 0, new_meter()
+    save_checkpoint(["last.pt"], epoch + 1, 0)  # before validation: a clip that fails there costs no training
 
     validate = val_samples and ((epoch + 1) % args.val_every == 0 or epoch == args.epochs - 1)
     val = evaluate(raw_model, landmark_net, val_ds, args.batch_size, device, workers=args.workers,
                    amp=precision == "bf16") if validate else None
-    n = max(1, meter["steps"])
-    record = dict(epoch=epoch, step=step, lr=meter["lr"], loss=meter["loss"] / n, ce=meter["ce"] / n,
-                  bce=meter["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
-                  replaced=meter["replaced"], clips_per_s=meter["clips"] / max(meter["seconds"], 1e-9),
-                  seconds=meter["seconds"])
+    n = max(1, done["steps"])
+    record = dict(epoch=epoch, step=step, lr=done["lr"], loss=done["loss"] / n, ce=done["ce"] / n,
+                  bce=done["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
+                  replaced=done["replaced"], clips_per_s=done["clips"] / max(done["seconds"], 1e-9),
+                  seconds=done["seconds"])
     if val is not None:
         record.update(val_uar=val["uar"], val_war=val["war"])
     log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -636,8 +634,7 @@ for epoch in range(start_epoch, args.epochs):
     if val is not None and val[args.select] >= best["score"]:  # a tie goes to the later, longer-trained epoch
         best = dict(score=val[args.select], epoch=epoch)
         names.append("best.pt")
-    skip, meter = 0, new_meter()
-    save_checkpoint(names, epoch + 1, 0)
+    save_checkpoint(names, epoch + 1, 0)  # again after validation: the new best, and the RNG as validation left it
     if stop_requested():
         finish(0, f"stopped by {signal.Signals(stop_signal).name if stop_signal else '--stop-after-steps'} after "
                   f"epoch {epoch}; {out / 'last.pt'} saved; continue with: python train.py --resume {out}")

@@ -166,3 +166,45 @@ def test_an_init_that_does_not_fit_stops_before_the_first_step(demo, tmp_path):
     fits = train(demo, tmp_path / "fits", "--epochs", "1", "--init", str(tmp_path / "image.pt"),
                  "--stop-after-steps", "1")
     assert "does not fit" not in fits.stderr and (tmp_path / "fits" / "last.pt").exists()
+
+
+def _copy_demo(demo, to):
+    import shutil
+
+    shutil.copytree(demo, to)
+    return to
+
+
+def test_a_missing_or_empty_clip_is_found_before_training(demo, tmp_path):
+    import shutil
+
+    import data
+
+    broken = _copy_demo(demo, tmp_path / "demo")
+    test = data.read_split("demo", broken / "test.csv")
+    gone, empty = [s.path for s in test if not s.path.endswith(".mp4")][:2]
+    shutil.rmtree(broken / gone)
+    for frame in (broken / empty).iterdir():
+        frame.unlink()
+    proc = train(str(broken), tmp_path / "run", "--epochs", "1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: 2 of the {len(test)} clips of {broken / 'test.csv'} cannot be read:")
+    assert f"{broken / gone}: no such frame folder, video or image" in message
+    assert f"{broken / empty}: a frame folder without .jpg/.jpeg/.png images" in message
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_last_pt_is_saved_before_validation(demo, tmp_path):
+    import data
+
+    broken = _copy_demo(demo, tmp_path / "demo")
+    train_all = data.read_split("demo", broken / "train.csv")
+    _, val = data.split_validation(train_all, 0.25, 0)  # the run's validation split (TINY: --val-fraction 0.25)
+    clip = next(s for s in val if not s.path.endswith(".mp4"))
+    for frame in (broken / clip.path).iterdir():  # readable headers, undecodable frames
+        frame.write_bytes(b"\xff\xd8" + b"\x00" * 64 + b"\xff\xd9")
+    proc = train(str(broken), tmp_path / "run", "--epochs", "2", check=False)
+    assert proc.returncode != 0 and clip.path in proc.stderr  # validation names the clip it could not decode
+    ckpt = safe_load(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10)  # epoch 0's training is kept
