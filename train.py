@@ -342,11 +342,16 @@ classes = data.CLASSES[args.dataset]
 train_all = data.read_split(args.dataset, files.train)
 test_samples = data.read_split(args.dataset, files.test)
 for split, samples in ((files.train, train_all), (files.test, test_samples)):  # found now, not after training
-    problems = data.header_problems(samples, files.media_root)
+    problems = [p for _, p in data.header_problems(samples[rank::world], files.media_root)]  # each rank a share
+    if ddp:
+        shares = [None] * world
+        dist.all_gather_object(shares, problems)
+        problems = [p for share in shares for p in share]
     if problems:
-        first = "; ".join(p for _, p in problems[:3])
+        first = "; ".join(problems[:3])
         sys.exit(f"train.py: {len(problems)} of the {len(samples)} clips of {split} cannot be read: {first}. Fix the "
-                 f"list or the data (python data.py check --dataset {args.dataset} --root {root} decodes every clip)")
+                 f"list or the data (python data.py check --dataset {args.dataset} --root {root} decodes every clip)"
+                 if master else 1)  # every rank stops; one says why
 
 
 same_clip = (lambda s: s.path.rsplit("/", 1)[0]) if args.dataset == "demo_image" else (lambda s: s.path)
@@ -369,7 +374,8 @@ if args.init and not args.resume:
     backbone = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
     needed = [n for n, _ in model.named_parameters()
               if (not n.startswith(VIDEO_STAGE) if scope == "video" else n.startswith(backbone))]
-    absent = [n for n in needed if n not in set(report.loaded)]
+    loaded = set(report.loaded)
+    absent = [n for n in needed if n not in loaded]
     if absent and not args.allow_partial_init:
         shapes = {n: (a, b) for n, a, b in report.mismatched}
         why = [f"shape mismatch {n}: checkpoint {tuple(shapes[n][0])}, model {tuple(shapes[n][1])}"
