@@ -494,11 +494,19 @@ def save_checkpoint(names, epoch, step_in_epoch):
                  step=step, meter=meter, best=best, rng=rngs, config=dataclasses.asdict(raw_model.cfg),
                  args=vars(args), classes=list(classes), world_size=world)
     first = out / f"{names[0]}.tmp"
-    torch.save(state, first)  # serialised once; further names get a copy of the file
-    for name in names[1:]:
-        shutil.copyfile(first, out / f"{name}.tmp")
-        os.replace(out / f"{name}.tmp", out / name)
-    os.replace(first, out / names[0])
+    try:
+        torch.save(state, first)  # serialised once; further names get a copy of the file
+        for name in names[1:]:
+            shutil.copyfile(first, out / f"{name}.tmp")
+            os.replace(out / f"{name}.tmp", out / name)
+        os.replace(first, out / names[0])
+    except (OSError, RuntimeError) as err:  # a full disk: torch.save raises RuntimeError, the copy OSError
+        for name in names:
+            (out / f"{name}.tmp").unlink(missing_ok=True)
+        kept = ", ".join(str(out / n) for n in names if (out / n).exists()) or "no checkpoint"
+        sys.exit(f"train.py: could not write {first.with_suffix('')} ({type(err).__name__}: "
+                 f"{str(err).splitlines()[0] if str(err) else 'no message'}); the temporary file is removed and "
+                 f"{kept} is as it was. Free space, then continue with: python train.py --resume {out}")
 
 
 def new_meter():
@@ -593,8 +601,10 @@ for epoch in range(start_epoch, args.epochs):
             dist.all_reduce(sums)
             sums[:3] /= world
         if not torch.isfinite(sums).all():
+            kept = (f"{out / 'last.pt'} is the last good checkpoint" if (out / "last.pt").exists() else
+                    "no checkpoint was saved before it")
             finish(1, f"train.py: non-finite loss {sums[0].item()} at epoch {epoch}, step {step_in_epoch} (global "
-                      f"step {step}); stopped without saving, {out / 'last.pt'} is the last good checkpoint")
+                      f"step {step}); stopped without saving, {kept}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

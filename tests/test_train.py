@@ -208,3 +208,48 @@ def test_last_pt_is_saved_before_validation(demo, tmp_path):
     assert proc.returncode != 0 and clip.path in proc.stderr  # validation names the clip it could not decode
     ckpt = safe_load(tmp_path / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10)  # epoch 0's training is kept
+
+
+NAN_AT_CALL_2 = NAN_AT_CALL_12.replace("calls[0] == 12", "calls[0] == 2")
+FULL_DISK_AT_SAVE_2 = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import torch
+saves, save = [0], torch.save
+def full(obj, f, *a, **k):
+    saves[0] += 1
+    if saves[0] == 2:  # epoch 0's second save, after validation
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+    return save(obj, f, *a, **k)
+torch.save = full
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def _run_script(text, demo, out, *extra):
+    script = out.parent / f"{out.name}.py"
+    script.write_text(text.format(root=ROOT, train=TRAIN))
+    cmd = [sys.executable, str(script), "--data-root", demo, "--out", str(out), *TINY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_claims_none(demo, tmp_path):
+    proc = _run_script(NAN_AT_CALL_2, demo, tmp_path / "run", "--epochs", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("stopped without saving, no checkpoint was saved before it")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(demo, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_script(FULL_DISK_AT_SAVE_2, demo, out, "--epochs", "2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: could not write {out / 'last.pt'} (RuntimeError: [enforce fail")
+    assert f"the temporary file is removed and {out / 'last.pt'} is as it was" in message
+    assert f"continue with: python train.py --resume {out}" in message
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
+    ckpt = safe_load(out / "last.pt")  # the save before validation, intact
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10)
