@@ -1,4 +1,4 @@
-"""Shared test setup: seed every generator before each test, and locate ../shared/fixtures."""
+"""Shared test setup: seed every generator before each test, and the checkpoint fixtures in tests/fixtures."""
 import os
 import random
 import socket
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"  # names and shapes of the public checkpoints, as JSON
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Without a GPU the Triton kernels run in the interpreter. triton.jit reads this variable when a kernel module is
@@ -32,14 +32,11 @@ def _seed_everything():
 
 @pytest.fixture
 def fixture_json():
-    """Load a checkpoint-description fixture from ../shared/fixtures, or skip with the reason."""
+    """Load a checkpoint-description fixture from tests/fixtures (names, shapes and counts of a public file)."""
     import json
 
     def load(name):
-        path = FIXTURES / f"{name}.json"
-        if not path.exists():
-            pytest.skip(f"fixture {path} is absent (it lives in ../shared/fixtures beside the checkout)")
-        return json.loads(path.read_text())
+        return json.loads((FIXTURES / f"{name}.json").read_text())
 
     return load
 
