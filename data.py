@@ -41,6 +41,7 @@ CLASSES = {
 CLASSES["demo"] = CLASSES["demo_image"] = CLASSES["ferv39k"]  # demo_image: the demo's expressive frames as stills
 IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus", "demo_image"}
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+STRICT = {"err_detect": "explode"}  # FFmpeg decoders stop at the first error instead of concealing it
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -237,7 +238,12 @@ def decode_image(path, rgb=None):
     codec = "png" if data.startswith(b"\x89PNG") else "mjpeg"
     if codec == "mjpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         raise ClipError(f"{path}: truncated or not a JPEG/PNG file (no end-of-image marker)")
-    frames = av.CodecContext.create(codec, "r").decode(av.Packet(data))
+    decoder = av.CodecContext.create(codec, "r")
+    decoder.options = STRICT  # corrupt data is an error, not a picture of garbage
+    try:
+        frames = decoder.decode(av.Packet(data))
+    except av.FFmpegError as err:
+        raise ClipError(f"{path}: corrupt image data ({type(err).__name__}: {err})") from None
     if not frames:
         raise ClipError(f"{path}: no image could be decoded")
     return (rgb or VideoReformatter()).reformat(frames[0], format="rgb24").to_ndarray()
@@ -251,6 +257,7 @@ def _read_video(path, pick):
     with av.open(str(path)) as container:
         stream, rgb = container.streams.video[0], VideoReformatter()
         stream.thread_type = "AUTO"
+        stream.codec_context.options = STRICT
         if stream.frames and stream.average_rate and stream.average_rate == stream.base_rate:  # constant rate
             wanted = _pick(stream.frames, pick, path)
             start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
