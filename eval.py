@@ -299,6 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write per-clip predictions to this CSV (index, path, label, pred, prob per class)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (by default: one line)")
     p.add_argument("--allow-other-classes", action="store_true",
                    help="evaluate even when the checkpoint's classes are not --dataset's (by default it stops)")
     args = p.parse_args(argv)
@@ -463,6 +464,15 @@ def predict_video(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, data.ClipError, OSError) as err:  # a bad file, clip or checkpoint: one line naming it
+        if args.debug:
+            raise
+        raise SystemExit(f"eval.py: {err}") from None
+
+
+def run(args):
     if args.video:  # one clip, one process
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         predict_video(args, device)

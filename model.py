@@ -6,6 +6,7 @@ Shapes: B clips, T frames, N = 196 patch tokens (a 14 x 14 grid), C channels, H 
 """
 import argparse
 import math
+import os
 import pickle
 import re
 from collections import Counter
@@ -302,9 +303,22 @@ def safe_load(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line), None)  # a class or function it would import
+        why = code or next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        why = why.split(". ")[0]
+        if code is None:  # not a pickle of allowed things at all: garbage, text, another format
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; {why})") \
+                from None
         raise ValueError(f"{path}: refused: the checkpoint holds Python objects beyond tensors, containers and "
-                         f"argparse.Namespace, and may carry code. It is not loaded. ({first})") from None
+                         f"argparse.Namespace, and may carry code. It is not loaded. ({why})") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint file") from None
+    except (EOFError, KeyError, RuntimeError, OSError) as e:  # empty, not a torch file, truncated or unreadable
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({size if size is not None else '?'} bytes; "
+                         f"{type(e).__name__}: {first[:160]}). Is the file complete, and a checkpoint?") from None
 
 
 # ours <-> released S2D names; (ours, released, is_1x1_conv). Per-layer entries use {i}.

@@ -72,7 +72,7 @@ RUN_DEFAULTS = {  # one value per kind, in KINDS order
     "landmark_preset": ("mobilefacenet_tiny", "mobilefacenet_tiny", "mobilefacenet", "mobilefacenet"),
     "workers": (1, 1, 8, 8),  # demo: one loader process overlaps decoding with the model's 2 threads (12 % faster)
 }
-RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps")  # on --resume these come from the command line
+RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps", "debug")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +131,7 @@ add("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
 add("--kernels", default="auto", choices=("auto", "triton", "torch"), help="TMA / MCP kernels (auto: triton on CUDA)")
 add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
 add("--workers", type=int, help="data-loading worker processes per process (default: demo 1, otherwise 8)")
+add("--debug", action="store_true", help="show the Python traceback of an error (by default: one line naming it)")
 add("--seed", type=int, default=0, help="seed of model init, split, sampling order and augmentation")
 add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>; the demo's stages: runs/demo-<stage>)")
 add("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its saved options")
@@ -274,6 +275,18 @@ def run_ablation(args, stages):
 
 
 args = parser.parse_args()
+
+
+def one_line_errors(kind, err, tb):
+    """An error the user can cause (bad file, bad clip, bad checkpoint) ends as one line naming it; --debug, or any
+    other exception, shows the traceback."""
+    if issubclass(kind, (ValueError, data.ClipError, OSError)) and not args.debug:
+        print(f"train.py: {err}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, err, tb)
+
+
+sys.excepthook = one_line_errors
 args.stage = args.stage or ("demo" if args.dataset == "demo" and not args.resume else "video")
 if args.stage == "demo":
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -281,3 +281,14 @@ def test_an_unwritable_out_is_refused_before_evaluating(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             eval_parse_args(["--checkpoint", "c", "--dataset", "demo", "--data-root", "r", "--out", str(out)])
         assert stop.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_a_broken_checkpoint_is_one_line_naming_it(tmp_path):
+    root = make_frames_dataset(tmp_path / "demo")
+    (tmp_path / "half.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 60)  # the start of a zip, then nothing
+    run = ["--checkpoint", str(tmp_path / "half.pth"), "--dataset", "demo", "--data-root", str(root), "--device", "cpu"]
+    with pytest.raises(SystemExit, match=rf"^eval.py: {tmp_path / 'half.pth'}: not a readable PyTorch checkpoint "
+                                         r"\(64 bytes; "):
+        eval_main(run)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        eval_main(run + ["--debug"])  # the exception itself, with its traceback

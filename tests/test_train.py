@@ -253,3 +253,15 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
     ckpt = safe_load(out / "last.pt")  # the save before validation, intact
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10)
+
+
+def test_a_broken_checkpoint_file_is_one_line_naming_it(demo, tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for name, what in (("empty.pt", "0 bytes; EOFError"), ("notes.pt", "16 bytes; "), ("missing.pt", "no such")):
+        proc = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / name), check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"train.py: {tmp_path / name}: ") and what in line
+    debug = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "empty.pt"), "--debug", check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug shows where it came from
