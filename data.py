@@ -1,5 +1,5 @@
 """Data for S2D: readers for the six datasets' official split files, PyAV decoding, the paper's clip sampling
-(paper Sec. IV-B), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
+(paper Sec. IV-C), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
 
     python data.py make-demo --out data/demo                        # procedural face videos, FERV39K layout
     python data.py check --dataset dfew --root DATA/DFEW --fold 1   # decodes every clip, lists the bad ones
@@ -363,7 +363,7 @@ def header_problems(samples, media_root, workers=8):
     return [(s, p) for s, p in zip(samples, found, strict=True) if p]
 
 
-# ---- sampling (paper Sec. IV-B)
+# ---- sampling (paper Sec. IV-C: 16 frames per clip, 224 x 224)
 def train_indices(length, num_frames, rate, rng):
     """T frames `rate` apart at a random offset; a clip shorter than the span repeats its last frame."""
     span = (num_frames - 1) * rate + 1
@@ -521,7 +521,7 @@ def eval_view(frames, size, crop, crops):
 
 
 def eval_views(dataset):
-    """Evaluation views per clip: 2 temporal windows x 2 spatial crops (paper Sec. IV-B), 1 x 1 for still images.
+    """Evaluation views per clip: 2 temporal windows x 2 spatial crops (as released), 1 x 1 for still images.
     The demo's frames are square at the model's input size, so its 2 spatial crops would coincide: 1 crop."""
     if dataset in IMAGE_DATASETS:
         return dict(temporal_views=1, spatial_crops=1)

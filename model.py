@@ -1,8 +1,13 @@
 """S2D: a landmark-aware ViT-B/16 image model (MCP prompts) grown into a video model (TMA adapters).
 
-Read top to bottom: config and presets, the ViT pieces, MCP (Eq. 3-6), TMA (Eq. 7-15), the S2D model with the
-prompt chain (Eq. 1-2), which parameters train, and checkpoint loading (ours, the released S2D ones, MAE / timm).
-Shapes: B clips, T frames, N = 196 patch tokens (a 14 x 14 grid), C channels, H heads, D head width.
+Paper: Chen, Li, Shan, Wang, Hong, "From Static to Dynamic: Adapting Landmark-Aware Image Models for Facial
+Expression Recognition in Videos", IEEE TAFFC (arXiv:2312.05447). Every equation of Sec. III-A to III-C is written
+here in plain torch, marked `# Eq. (n)`, in the paper's order: read top to bottom.
+  config and presets; the ViT pieces; S2D, the prompt chain (Eq. 1-2); MCP (Eq. 3-6); TMA (Eq. 7-15);
+  which parameters train; checkpoint loading (ours, the released S2D ones, MAE / timm); and last, the optional
+  fused Triton kernels, which compute Eq. (3)-(5) and (10) faster on a GPU and are imported only when selected.
+Shapes: B clips, T frames (B*T frames in all), N = 196 patch tokens (a 14 x 14 grid), C channels, H heads, D head
+width, K = 8 MCP channels, d the TMA bottleneck width.
 """
 import argparse
 import math
@@ -11,13 +16,12 @@ import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass, fields
+from importlib import import_module
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.mcp_gate import mcp_gate, mcp_gate_ref
-from kernels.temporal_attention import temporal_attention, temporal_attention_ref
 
 
 @dataclass
@@ -115,58 +119,6 @@ def sincos_pos_embed(width, grid):
     return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()[None]
 
 
-# ----------------------------------------------------------------------------- MCP: Multi-View Complementary Prompter
-class MCP(nn.Module):
-    """Guiding prompt P_i from the expression tokens x_in and the landmark tokens a_in (both (F, N, C))."""
-
-    def __init__(self, width, prompt_dim, fovea_init):
-        super().__init__()
-        self.down_x = nn.Linear(width, prompt_dim)  # a 1x1 conv on the 14 x 14 map is a per-token linear
-        self.down_a = nn.Linear(width, prompt_dim)
-        self.up = nn.Linear(prompt_dim, width)
-        self.sharpness = nn.Parameter(torch.full((1,), fovea_init))  # s of the Fovea gate
-
-    def forward(self, x_in, a_in, gate):
-        # Eq. (3): x0 = Conv1x1(x_in), x1 = Conv1x1(a_in)                 -- computed inside `gate`
-        # Eq. (4): A = softmax over the N positions of (s * x0)            -- computed inside `gate`
-        # Eq. (5): x0' = A * x0  (the Fovea gate), then x0' + x1          -- computed inside `gate`
-        # `gate` is kernels/mcp_gate.py: mcp_gate_ref (plain torch) or the fused Triton kernel; (F, N, 8)
-        g = gate(x_in, a_in, self.down_x.weight, self.down_x.bias, self.down_a.weight, self.down_a.bias, self.sharpness)
-        return self.up(g)  # Eq. (6): P = Conv1x1(x0' + x1), (F, N, C)
-
-
-# ----------------------------------------------------------------------------- TMA: Temporal-Modeling Adapter
-class TMA(nn.Module):
-    """T-Adapter (down, T-MSA across frames, up) -> LayerNorm -> vanilla adapter. No residuals inside."""
-
-    def __init__(self, width, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.t_down = nn.Linear(width, dim)
-        self.t_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.t_proj = nn.Linear(dim, dim)
-        self.t_up = nn.Linear(dim, width)
-        self.norm = nn.LayerNorm(width, eps=1e-5)  # eps 1e-5 as in the released model
-        self.down = nn.Linear(width, dim)
-        self.up = nn.Linear(dim, width)
-
-    def t_msa(self, h, T, attention):  # h (B*T, N, d) -> (B*T, N, d)
-        BT, N, d = h.shape
-        qkv = self.t_qkv(h).reshape(BT // T, T, N, 3, self.heads, d // self.heads)  # Eq. (9): Q, K, V; (B,T,N,3,H,D)
-        # Eq. (10): head_j = softmax(Q_j K_j^T / sqrt(D)) V_j over the T frames, every position and head, then the
-        # heads concatenated; computed inside `attention` (kernels/temporal_attention.py)
-        heads = attention(qkv, (d // self.heads) ** -0.5)  # (B, T, N, H*D)
-        return self.t_proj(heads.reshape(BT, N, d))  # Eq. (11): Concat(head_1..head_H) W^O
-
-    def forward(self, x_in, T, attention):  # x_in (B*T, N, C) -> M (B*T, N, C)
-        h = F.gelu(self.t_down(x_in))  # Eq. (7): downsample to d = C * 0.25, GELU
-        h = self.t_msa(h, T, attention)  # Eq. (8): T-MSA
-        h = self.t_up(h)  # Eq. (12): upsample back to C
-        h = self.norm(h)  # Eq. (13): LayerNorm
-        h = F.gelu(self.down(h))  # Eq. (14): vanilla adapter, down + GELU
-        return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
-
-
 # ----------------------------------------------------------------------------- S2D
 class S2D(nn.Module):
     def __init__(self, cfg: S2DConfig):
@@ -178,13 +130,13 @@ class S2D(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid**2 + 1, C))
         if cfg.mcp:
             self.landmark_embed = nn.Conv2d(cfg.landmark_channels, C, 1)
-            self.mcp = nn.ModuleList(MCP(C, cfg.prompt_dim, cfg.fovea_init) for _ in range(L))
+            self.mcp = nn.ModuleList(MCP(C, cfg.prompt_dim, cfg.fovea_init, cfg.kernels) for _ in range(L))
         if cfg.mcp or cfg.video:  # the inputs of MCP_i and TMA_i
             # norm_0 .. norm_{L-2}; the released model's norm_{L-1} is never used and is left out here
             self.prompt_norms = nn.ModuleList(nn.LayerNorm(C, eps=1e-6) for _ in range(L - 1))
         if cfg.video:
             self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, 1, C))
-            self.tma = nn.ModuleList(TMA(C, cfg.adapter_dim, cfg.tma_heads) for _ in range(L))
+            self.tma = nn.ModuleList(TMA(C, cfg.adapter_dim, cfg.tma_heads, cfg.kernels) for _ in range(L))
         self.tma_enabled = cfg.video  # tests switch the TMAs off to compare with the image model
         self.blocks = nn.ModuleList(Block(C, cfg.heads, cfg.mlp_ratio) for _ in range(L))
         self.norm = nn.LayerNorm(C, eps=1e-6)
@@ -211,10 +163,6 @@ class S2D(nn.Module):
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_pos_embed(self.cfg.width, self.cfg.grid))
 
-    def _kernels(self, device):
-        use_triton = self.cfg.kernels == "triton" or (self.cfg.kernels == "auto" and device.type == "cuda")
-        return (mcp_gate, temporal_attention) if use_triton else (mcp_gate_ref, temporal_attention_ref)
-
     def _check_inputs(self, video, landmarks):
         cfg, S, G = self.cfg, self.cfg.img_size, self.cfg.grid
         T = video.shape[2] if video.dim() == 5 else None
@@ -229,10 +177,10 @@ class S2D(nn.Module):
             found = None if landmarks is None else tuple(landmarks.shape)
             raise ValueError(f"landmarks: expected shape {want} (B, T, C, grid, grid), got {found}")
 
-    def _prompt_layer(self, i, patches, x_in, a_in, T, gate, attention):
+    def _prompt_layer(self, i, patches, x_in, a_in, T):
         """Layer i's MCP_i and TMA_i, and their residual injection into the patch tokens."""
-        P = self.mcp[i](x_in, a_in, gate) if self.cfg.mcp else 0  # guiding prompt P_i, (B*T, N, C)
-        M = self.tma[i](x_in, T, attention) if self.tma_enabled else 0  # temporal tokens M_i, (B*T, N, C)
+        P = self.mcp[i](x_in, a_in) if self.cfg.mcp else 0  # guiding prompt P_i, (B*T, N, C)
+        M = self.tma[i](x_in, T) if self.tma_enabled else 0  # temporal tokens M_i, (B*T, N, C)
         return patches + P + M, P  # Eq. (1): X'_i = X_{i-1} + P_{i-1} + M_{i-1}
 
     def forward(self, video, landmarks):
@@ -240,7 +188,6 @@ class S2D(nn.Module):
         features (B, C)."""
         self._check_inputs(video, landmarks)
         B, _, T, S, _ = video.shape
-        gate, attention = self._kernels(video.device)
         frames = video.transpose(1, 2).reshape(B * T, 3, S, S)  # (B*T, 3, S, S)
         X = self.patch_embed(frames).flatten(2).transpose(1, 2)  # image tokens (B*T, N, C)
         prompts = self.cfg.mcp or self.tma_enabled  # without either, the backbone is a plain ViT
@@ -250,7 +197,7 @@ class S2D(nn.Module):
             if self.cfg.mcp:
                 lm = landmarks.reshape(B * T, *landmarks.shape[2:]).to(X.dtype)  # (B*T, 128, 14, 14)
                 Lt = norm0(self.landmark_embed(lm).flatten(2).transpose(1, 2))  # landmark tokens (B*T, N, C)
-            X, P = self._prompt_layer(0, X, norm0(X), Lt, T, gate, attention)  # layer 0, before CLS and pos
+            X, P = self._prompt_layer(0, X, norm0(X), Lt, T)  # layer 0, before CLS and pos
         x = torch.cat([self.cls_token.expand(B * T, -1, -1), X], dim=1) + self.pos_embed  # (B*T, N+1, C)
         if self.cfg.video:
             x = (x.reshape(B, T, *x.shape[1:]) + self.temporal_embed).reshape(B * T, *x.shape[1:])
@@ -258,13 +205,76 @@ class S2D(nn.Module):
             if i > 0 and prompts:  # x-branch through norm_{i-1}; the landmark stream: the previous prompt, norm_0
                 patches, x_in = x[:, 1:], self.prompt_norms[i - 1](x[:, 1:])
                 a_in = norm0(P) if self.cfg.mcp else None
-                patches, P = self._prompt_layer(i, patches, x_in, a_in, T, gate, attention)
+                patches, P = self._prompt_layer(i, patches, x_in, a_in, T)
                 x = torch.cat([x[:, :1], patches], dim=1)  # the CLS token is untouched
             x = block(x)  # Eq. (2): X_i = Layer_i(X'_i)
 
         cls = self.norm(x)[:, 0].reshape(B, T, -1)  # (B, T, C)
         features = cls.mean(dim=1)  # average over the frames, (B, C)
         return self.head(self.head_drop(features)), features
+
+
+# ----------------------------------------------------------------------------- MCP: Multi-View Complementary Prompter
+class MCP(nn.Module):
+    """Guiding prompt P_i from the expression tokens x_in and the landmark tokens a_in (both (B*T, N, C)).
+
+    On the 14 x 14 grid of one frame the paper's 1x1 convolutions act on each position alone, so on the N tokens
+    they are per-token linear layers: Conv1x1(x) here is Linear(x) on (B*T, N, C).
+    """
+
+    def __init__(self, width, prompt_dim, fovea_init, kernels="torch"):
+        super().__init__()
+        self.down_x = nn.Linear(width, prompt_dim)  # C -> K = 8, the expression branch
+        self.down_a = nn.Linear(width, prompt_dim)  # C -> K, the landmark branch
+        self.up = nn.Linear(prompt_dim, width)  # K -> C
+        self.sharpness = nn.Parameter(torch.full((1,), fovea_init))  # s of the Fovea gate
+        self.kernels = kernels  # "torch" | "triton" | "auto": see fused_mcp_gate at the end of this file
+
+    def forward(self, x_in, a_in):  # (B*T, N, C), (B*T, N, C) -> P (B*T, N, C)
+        if use_triton(self.kernels, x_in):
+            return self.up(fused_mcp_gate(self, x_in, a_in))  # Eq. (3)-(5) in one Triton kernel, then Eq. (6)
+        x0 = self.down_x(x_in)  # Eq. (3): x0 = Conv1x1(x_in), (B*T, N, K)
+        x1 = self.down_a(a_in)  # Eq. (3): x1 = Conv1x1(a_in), (B*T, N, K)
+        A = torch.softmax(self.sharpness * x0, dim=1)  # Eq. (4): softmax over the N positions, per frame and channel
+        x0_gated = A * x0  # Eq. (5): the Fovea gate x0' = A * x0
+        return self.up(x0_gated + x1)  # Eq. (6): P = Conv1x1(x0' + x1)
+
+
+# ----------------------------------------------------------------------------- TMA: Temporal-Modeling Adapter
+class TMA(nn.Module):
+    """T-Adapter (down, T-MSA across frames, up) -> LayerNorm -> vanilla adapter. No residuals inside."""
+
+    def __init__(self, width, dim, heads, kernels="torch"):
+        super().__init__()
+        self.heads = heads
+        self.t_down = nn.Linear(width, dim)
+        self.t_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.t_proj = nn.Linear(dim, dim)
+        self.t_up = nn.Linear(dim, width)
+        self.norm = nn.LayerNorm(width, eps=1e-5)  # eps 1e-5 as in the released model
+        self.down = nn.Linear(width, dim)
+        self.up = nn.Linear(dim, width)
+        self.kernels = kernels  # "torch" | "triton" | "auto": see fused_temporal_attention at the end of this file
+
+    def t_msa(self, h, T):  # h (B*T, N, d) -> (B*T, N, d): attention across the T frames at every position
+        BT, N, d = h.shape
+        H, D = self.heads, d // self.heads
+        qkv = self.t_qkv(h).reshape(BT // T, T, N, 3, H, D)  # Eq. (9): Q, K, V for every frame, (B, T, N, 3, H, D)
+        if use_triton(self.kernels, h):
+            heads = fused_temporal_attention(qkv, D**-0.5)  # Eq. (10) in one Triton kernel, (B, T, N, H*D)
+        else:
+            q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).unbind(0)  # each (B, N, H, T, D): frames are the sequence
+            A = torch.softmax(q @ k.transpose(-2, -1) * D**-0.5, dim=-1)  # Eq. (10): (B, N, H, T, T) over frames
+            heads = (A @ v).permute(0, 3, 1, 2, 4)  # head_j = A_j V_j, back to (B, T, N, H, D)
+        return self.t_proj(heads.reshape(BT, N, d))  # Eq. (11): Concat(head_1..head_H) W^O
+
+    def forward(self, x_in, T):  # x_in (B*T, N, C) -> M (B*T, N, C)
+        h = F.gelu(self.t_down(x_in))  # Eq. (7): downsample to d = C * 0.25, GELU
+        h = self.t_msa(h, T)  # Eq. (8): T-MSA
+        h = self.t_up(h)  # Eq. (12): upsample back to C
+        h = self.norm(h)  # Eq. (13): LayerNorm
+        h = F.gelu(self.down(h))  # Eq. (14): vanilla adapter, down + GELU
+        return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
 
 
 def build_model(name, num_classes, num_frames, image_model=False, **overrides) -> S2D:
@@ -281,7 +291,7 @@ VIDEO_STAGE = ("landmark_embed.", "mcp.", "tma.", "prompt_norms.", "temporal_emb
 
 
 def set_trainable(model: S2D, stage: str):
-    """'video': the adapted set (paper Sec. IV-B: MCPs, TMAs, norms, classifier) trains, the ViT is frozen.
+    """'video': the adapted set (paper Sec. IV-C: MCPs, TMAs, norms, classifier) trains, the ViT is frozen.
     'image' / 'all': everything trains (the landmark detector is a separate frozen module, LandmarkFeatures)."""
     if stage not in ("video", "image", "all"):
         raise ValueError(f"stage must be 'video', 'image' or 'all', got {stage!r}")
@@ -494,6 +504,34 @@ def config_from_state_dict(sd) -> S2DConfig:
             cfg = {**preset, **{k: v for k, v in cfg.items() if k not in ("heads", "tma_heads")}}
     names = {f.name for f in fields(S2DConfig)}
     return S2DConfig(**{k: v for k, v in cfg.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- the optional speed path: fused kernels
+def use_triton(kernels, x):
+    """The fused Triton kernels run when asked for ("triton"), or by default ("auto") on CUDA tensors."""
+    return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+
+
+def _import_kernel(module, name):
+    try:
+        return getattr(import_module(f"kernels.{module}"), name)
+    except ImportError as e:
+        raise RuntimeError(f"kernels='triton' needs the triton package ({e}); install it, or build the model with "
+                           "kernels='torch' (the plain-torch equations above)") from None
+
+
+def fused_mcp_gate(mcp, x_in, a_in):
+    """MCP's Eq. (3)-(5) as one Triton kernel (kernels/mcp_gate.py), (B*T, N, K); triton is imported only here."""
+    mcp_gate = _import_kernel("mcp_gate", "mcp_gate")
+    return mcp_gate(x_in, a_in, mcp.down_x.weight, mcp.down_x.bias, mcp.down_a.weight, mcp.down_a.bias,
+                    mcp.sharpness)
+
+
+def fused_temporal_attention(qkv, scale):
+    """T-MSA's Eq. (10) as one Triton kernel (kernels/temporal_attention.py): qkv (B, T, N, 3, H, D) ->
+    (B, T, N, H*D); triton is imported only here."""
+    temporal_attention = _import_kernel("temporal_attention", "temporal_attention")
+    return temporal_attention(qkv, scale)
 
 
 if __name__ == "__main__":

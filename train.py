@@ -412,7 +412,7 @@ np.random.seed(args.seed + rank)
 
 common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, image_size=raw_model.cfg.img_size,
               seed=args.seed)
-views = data.eval_views(args.dataset)  # 2 temporal x 2 spatial views of a video (paper Sec. IV-B), as eval.py
+views = data.eval_views(args.dataset)  # 2 temporal x 2 spatial views of a video (as released), as eval.py
 augment = {"paper": True, "light": data.Augment(randaugment=False, erase_p=0.0), "none": False,
            "flip": data.Augment(resized_crop=False, randaugment=False, erase_p=0.0)}[args.augment]
 train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=augment, **common)

@@ -52,16 +52,16 @@ def attention_case(B, T, N, H, D, dtype):
     return [qkv], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops)
 
 
-def gate_case(Fr, N, C, dtype, autocast=False):
-    """MCP gate on x, a (F, N, C); autocast: fp32 x, a and parameters under bf16 autocast, as in training."""
+def gate_case(BT, N, C, dtype, autocast=False):
+    """MCP gate on x, a (BT, N, C); autocast: fp32 x, a and parameters under bf16 autocast, as in training."""
     act = torch.float32 if autocast else dtype
-    x, a = (torch.randn(Fr, N, C, device="cuda", dtype=act, requires_grad=True) for _ in range(2))
+    x, a = (torch.randn(BT, N, C, device="cuda", dtype=act, requires_grad=True) for _ in range(2))
     w_x, w_a = (torch.randn(8, C, device="cuda", dtype=act).mul(C ** -0.5).requires_grad_() for _ in range(2))
     b_x, b_a = (torch.zeros(8, device="cuda", dtype=act, requires_grad=True) for _ in range(2))
     s = torch.full((1,), 10.0, device="cuda", requires_grad=True)
-    big = Fr * N * C * x.element_size()
+    big = BT * N * C * x.element_size()
     fwd_bytes, bwd_bytes = 2 * big, 4 * big  # read x, a; backward reads x, a and writes dx, da
-    fwd_flops = 2 * 2 * Fr * N * C * 8
+    fwd_flops = 2 * 2 * BT * N * C * 8
     wrap = (lambda fn: lambda *t: under_autocast(fn, *t)) if autocast else (lambda fn: fn)
     providers = {"triton": wrap(mcp_gate), "torch": wrap(mcp_gate_ref)}
     return [x, a, w_x, b_x, w_a, b_a, s], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops)
@@ -217,7 +217,7 @@ def cpu_reference_only():
     print("The references on CPU at a small size, forward + backward, median of 5 runs (not a GPU figure):")
     cases = {"temporal_attention_ref (B=1, T=16, N=196, H=8, D=24)":
              (lambda q: temporal_attention_ref(q, 24 ** -0.5), [torch.randn(1, 16, 196, 3, 8, 24)]),
-             "mcp_gate_ref (F=16, N=196, C=768)":
+             "mcp_gate_ref (BT=16, N=196, C=768)":
              (mcp_gate_ref, [torch.randn(16, 196, 768), torch.randn(16, 196, 768), torch.randn(8, 768),
                              torch.zeros(8), torch.randn(8, 768), torch.zeros(8), torch.full((1,), 10.0)])}
     for name, (fn, inputs) in cases.items():
@@ -252,10 +252,10 @@ def main():
                                       attention_case(B, T, 196, 8, 24, torch.bfloat16), peaks)
         print("\n## Temporal attention (T-MSA), forward + backward\n" + kernel_table(attention))
         gate = []
-        for Fr in [128, 32, 512]:  # S2D: 128 frames, N = 196, C = 768
-            gate += bench_kernel("mcp_gate", f"F={Fr} N=196 C=768", "bf16",
-                                 gate_case(Fr, 196, 768, torch.bfloat16), peaks)
-        gate += bench_kernel("mcp_gate", "F=128 N=196 C=768", "fp32 in, bf16 autocast",
+        for BT in [128, 32, 512]:  # S2D: 128 frames, N = 196, C = 768
+            gate += bench_kernel("mcp_gate", f"BT={BT} N=196 C=768", "bf16",
+                                 gate_case(BT, 196, 768, torch.bfloat16), peaks)
+        gate += bench_kernel("mcp_gate", "BT=128 N=196 C=768", "fp32 in, bf16 autocast",
                              gate_case(128, 196, 768, torch.bfloat16, autocast=True), peaks)
         print("\n## MCP spatial gating, forward + backward\n" + kernel_table(gate))
         rows += attention + gate

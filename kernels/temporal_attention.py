@@ -21,7 +21,8 @@ import triton.language as tl
 from kernels import autocast_like, dot_precision, for_device
 
 
-# ---------------------------------------------------------------- reference (the function model.py uses)
+# ---------------------------------------------------------------- reference (the kernel's contract; model.py's TMA
+# writes the same Eq. (10) on its own, and tests/test_model.py checks that the two agree)
 def temporal_attention_ref(qkv: torch.Tensor, scale: float) -> torch.Tensor:
     """qkv (B, T, N, 3, H, D) -> (B, T, N, H*D).
 
@@ -40,8 +41,8 @@ def temporal_attention_ref(qkv: torch.Tensor, scale: float) -> torch.Tensor:
 @triton.jit
 def _temporal_attention_fwd_kernel(
     qkv_ptr, out_ptr, scale, total, N, H, T, D,  # total = B * N * H attention problems
-    s_b, s_t, s_n, s_3, s_h, s_d,  # qkv strides, (B, T, N, 3, H, D)
-    o_b, o_t, o_n, o_c,  # out strides, (B, T, N, H*D)
+    qkv_b, qkv_t, qkv_n, qkv_3, qkv_h, qkv_d,  # qkv strides, (B, T, N, 3, H, D)
+    out_b, out_t, out_n, out_c,  # out strides, (B, T, N, H*D)
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # BLOCK_B consecutive (b, n, h), head fastest
@@ -51,10 +52,10 @@ def _temporal_attention_fwd_kernel(
     t = tl.arange(0, BLOCK_T)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     mask = (i < total)[:, None, None] & (t < T) & (d < D)  # (BB, BT, BD)
-    ptrs = qkv_ptr + (b * s_b + n * s_n + h * s_h)[:, None, None] + t * s_t + d * s_d  # q tiles (BB, BT, BD)
+    ptrs = qkv_ptr + (b * qkv_b + n * qkv_n + h * qkv_h)[:, None, None] + t * qkv_t + d * qkv_d  # q tiles (BB, BT, BD)
     q = tl.load(ptrs, mask=mask, other=0.0)
-    k = tl.load(ptrs + s_3, mask=mask, other=0.0)
-    v = tl.load(ptrs + 2 * s_3, mask=mask, other=0.0)
+    k = tl.load(ptrs + qkv_3, mask=mask, other=0.0)
+    v = tl.load(ptrs + 2 * qkv_3, mask=mask, other=0.0)
 
     s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale  # (BB, T, T) logits in fp32
     s = tl.where(tl.arange(0, BLOCK_T)[None, None, :] < T, s, float("-inf"))  # padded key frames: no weight
@@ -62,18 +63,24 @@ def _temporal_attention_fwd_kernel(
     denom = tl.sum(p, axis=2)
     o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / denom[:, :, None]  # (BB, T, D)
 
-    out_ptrs = out_ptr + (b * o_b + n * o_n + h * D * o_c)[:, None, None] + t * o_t + d * o_c
+    out_ptrs = out_ptr + (b * out_b + n * out_n + h * D * out_c)[:, None, None] + t * out_t + d * out_c
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _temporal_attention_bwd_kernel(
     qkv_ptr, dout_ptr, dqkv_ptr, scale, total, N, H, T, D,
-    s_b, s_t, s_n, s_3, s_h, s_d,  # qkv strides, (B, T, N, 3, H, D)
-    g_b, g_t, g_n, g_c,  # dout strides, (B, T, N, H*D)
-    r_b, r_t, r_n, r_3, r_h,  # dqkv strides, contiguous (B, T, N, 3, H, D)
+    qkv_b, qkv_t, qkv_n, qkv_3, qkv_h, qkv_d,  # qkv strides, (B, T, N, 3, H, D)
+    dout_b, dout_t, dout_n, dout_c,  # dout strides, (B, T, N, H*D)
+    dqkv_b, dqkv_t, dqkv_n, dqkv_3, dqkv_h,  # dqkv strides, contiguous (B, T, N, 3, H, D)
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Gradient of one (clip, position, head) problem, O = P V with P = softmax(S) row-wise, S = scale Q K^T
+    # (T x T), given dO:
+    #   dV = P^T dO;  dP = dO V^T
+    #   dS = P * (dP - rowsum(P * dP))                    (softmax backward, row by row)
+    #   dQ = scale dS K;  dK = scale dS^T Q               (the code folds scale into dS)
+    # P is recomputed from Q and K, never stored. Strides by tensor and axis: qkv_*, dout_*, dqkv_* as named above.
     i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     h = i % H
     n = (i // H) % N
@@ -81,11 +88,11 @@ def _temporal_attention_bwd_kernel(
     t = tl.arange(0, BLOCK_T)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     mask = (i < total)[:, None, None] & (t < T) & (d < D)
-    ptrs = qkv_ptr + (b * s_b + n * s_n + h * s_h)[:, None, None] + t * s_t + d * s_d
+    ptrs = qkv_ptr + (b * qkv_b + n * qkv_n + h * qkv_h)[:, None, None] + t * qkv_t + d * qkv_d
     q = tl.load(ptrs, mask=mask, other=0.0)
-    k = tl.load(ptrs + s_3, mask=mask, other=0.0)
-    v = tl.load(ptrs + 2 * s_3, mask=mask, other=0.0)
-    do_ptrs = dout_ptr + (b * g_b + n * g_n + h * D * g_c)[:, None, None] + t * g_t + d * g_c
+    k = tl.load(ptrs + qkv_3, mask=mask, other=0.0)
+    v = tl.load(ptrs + 2 * qkv_3, mask=mask, other=0.0)
+    do_ptrs = dout_ptr + (b * dout_b + n * dout_n + h * D * dout_c)[:, None, None] + t * dout_t + d * dout_c
     do = tl.load(do_ptrs, mask=mask, other=0.0)  # padded query frames have zero gradient
 
     s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale  # recompute the attention
@@ -99,11 +106,11 @@ def _temporal_attention_bwd_kernel(
     dq = tl.dot(ds.to(q.dtype), k, input_precision=PRECISION)
     dk = tl.dot(tl.permute(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PRECISION)
 
-    r_ptrs = dqkv_ptr + (b * r_b + n * r_n + h * r_h)[:, None, None] + t * r_t + d
+    dqkv_ptrs = dqkv_ptr + (b * dqkv_b + n * dqkv_n + h * dqkv_h)[:, None, None] + t * dqkv_t + d
     dtype = dqkv_ptr.dtype.element_ty
-    tl.store(r_ptrs, dq.to(dtype), mask=mask)
-    tl.store(r_ptrs + r_3, dk.to(dtype), mask=mask)
-    tl.store(r_ptrs + 2 * r_3, dv.to(dtype), mask=mask)
+    tl.store(dqkv_ptrs, dq.to(dtype), mask=mask)
+    tl.store(dqkv_ptrs + dqkv_3, dk.to(dtype), mask=mask)
+    tl.store(dqkv_ptrs + 2 * dqkv_3, dv.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers (torch.library custom ops)

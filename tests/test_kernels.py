@@ -113,13 +113,13 @@ def test_temporal_attention_compiles_without_graph_break():
 
 
 # ---------------------------------------------------------------- MCP gate
-def make_gate_inputs(Fr, side, C, dtype, s=10.0, strided=False, K=8):
-    """x, a (F, N, C) with N = side^2 tokens; w (K, C), b (K,); s (1,), as the model's parameters."""
+def make_gate_inputs(BT, side, C, dtype, s=10.0, strided=False, K=8):
+    """x, a (BT, N, C) with N = side^2 tokens; w (K, C), b (K,); s (1,), as the model's parameters."""
     N = side * side
     if strided:  # token-major views of channel-major maps, as a feature map would give them
-        x, a = (torch.randn(Fr, C, N, dtype=dtype, device=DEVICE).transpose(1, 2) for _ in range(2))
+        x, a = (torch.randn(BT, C, N, dtype=dtype, device=DEVICE).transpose(1, 2) for _ in range(2))
     else:
-        x, a = (torch.randn(Fr, N, C, dtype=dtype, device=DEVICE) for _ in range(2))
+        x, a = (torch.randn(BT, N, C, dtype=dtype, device=DEVICE) for _ in range(2))
     w_x, w_a = (torch.randn(K, C, device=DEVICE).mul(C ** -0.5).to(dtype) for _ in range(2))
     b_x, b_a = (torch.randn(K, device=DEVICE).to(dtype) for _ in range(2))
     return [x, a, w_x, b_x, w_a, b_a, torch.tensor([s], device=DEVICE)]
@@ -129,10 +129,10 @@ GATE_NAMES = ["x", "a", "w_x", "b_x", "w_a", "b_a", "s"]
 
 
 @SETTINGS
-@given(Fr=st.integers(1, 3), side=st.integers(1, 10), C=st.integers(1, 70), s=st.floats(-3.0, 10.0),
+@given(BT=st.integers(1, 3), side=st.integers(1, 10), C=st.integers(1, 70), s=st.floats(-3.0, 10.0),
        dtype=st.sampled_from([torch.float32, torch.float16]), strided=st.booleans())
-def test_mcp_gate_matches_reference(Fr, side, C, s, dtype, strided):
-    inputs = make_gate_inputs(Fr, side, C, dtype, s, strided)
+def test_mcp_gate_matches_reference(BT, side, C, s, dtype, strided):
+    inputs = make_gate_inputs(BT, side, C, dtype, s, strided)
     check_against_reference(mcp_gate, mcp_gate_ref, inputs, dtype, GATE_NAMES)
 
 
@@ -146,8 +146,8 @@ def test_mcp_gate_shift_of_x0_adds_the_softmax():
     """softmax(s (x0 + c)) = softmax(s x0), so adding c to b_x adds c * A to the output, A summing to 1 over N."""
     x, a, w_x, b_x, w_a, b_a, s = make_gate_inputs(2, 9, 40, torch.float32, s=1.5)
     c = 0.75
-    attn = (mcp_gate(x, a, w_x, b_x + c, w_a, b_a, s) - mcp_gate(x, a, w_x, b_x, w_a, b_a, s)) / c  # (F, N, K)
-    x0 = x @ w_x.T + b_x  # (F, N, K)
+    attn = (mcp_gate(x, a, w_x, b_x + c, w_a, b_a, s) - mcp_gate(x, a, w_x, b_x, w_a, b_a, s)) / c  # (BT, N, K)
+    x0 = x @ w_x.T + b_x  # (BT, N, K)
     torch.testing.assert_close(attn, torch.softmax(s * x0, dim=1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(attn.sum(1), torch.ones(2, 8, device=DEVICE), atol=1e-4, rtol=0)
 
@@ -155,7 +155,7 @@ def test_mcp_gate_shift_of_x0_adds_the_softmax():
 def test_mcp_gate_zero_sharpness_is_uniform_average():
     """s = 0: every position gets weight 1/N, so the gate is x0 / N plus the landmark branch."""
     x, a, w_x, b_x, w_a, b_a, s = make_gate_inputs(3, 7, 50, torch.float32, s=0.0)
-    expected = (x @ w_x.T + b_x) / 49 + (a @ w_a.T + b_a)  # (F, N, K)
+    expected = (x @ w_x.T + b_x) / 49 + (a @ w_a.T + b_a)  # (BT, N, K)
     torch.testing.assert_close(mcp_gate(x, a, w_x, b_x, w_a, b_a, s), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -217,7 +217,7 @@ def test_custom_ops_pass_opcheck():
     x, a, w_x, b_x, w_a, b_a, s = make_gate_inputs(2, 3, 20, torch.float32, s=2.0, strided=True)
     torch.library.opcheck(torch.ops.s2d.mcp_gate_forward.default, (x, a, w_x, b_x, w_a, b_a, s))
     out, x0, stats = torch.ops.s2d.mcp_gate_forward(x, a, w_x, b_x, w_a, b_a, s)
-    dout = torch.randn(out.shape[::-1], device=DEVICE).transpose(0, 2)  # a strided grad_output, (F, N, K)
+    dout = torch.randn(out.shape[::-1], device=DEVICE).transpose(0, 2)  # a strided grad_output, (BT, N, K)
     torch.library.opcheck(torch.ops.s2d.mcp_gate_backward.default, (dout, x, a, w_x, w_a, s, x0, stats))
     qkv = make_qkv(1, 5, 3, 2, 24, torch.float32, strided=True)
     torch.library.opcheck(torch.ops.s2d.temporal_attention_forward.default, (qkv, 0.3))

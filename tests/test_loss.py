@@ -50,7 +50,7 @@ def fill(anchors, batches, num_classes, dim):
     batch=st.integers(1, 7),
     data=st.data(),
 )
-def test_soft_labels_match_naive_loop(num_classes, queue_size, k, batch, data):
+def test_sdl_soft_labels_match_naive_loop(num_classes, queue_size, k, batch, data):
     dim = 5
     # Labels drawn from a subset of the classes, so some queues stay empty and some are partly filled.
     used = data.draw(st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=num_classes, unique=True))
@@ -69,7 +69,7 @@ def test_soft_labels_match_naive_loop(num_classes, queue_size, k, batch, data):
     torch.testing.assert_close(soft.sum(-1), torch.ones(batch), rtol=1e-5, atol=1e-5)  # convex mix of softmaxes
 
 
-def test_soft_label_is_paper_formula_when_similarities_positive():
+def test_sdl_soft_label_is_paper_formula_when_similarities_positive():
     anchors = EmotionAnchors(2, 2, queue_size=3, k=2)
     feats = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.2]])
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
@@ -79,7 +79,7 @@ def test_soft_label_is_paper_formula_when_similarities_positive():
     torch.testing.assert_close(soft[0], (s[:, None] * probs).sum(0) / s.sum())
 
 
-def test_all_negative_similarities_fall_back_to_plain_mean():
+def test_sdl_all_negative_similarities_fall_back_to_plain_mean():
     anchors = EmotionAnchors(2, 2, queue_size=2, k=1)
     probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
     anchors.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), probs, torch.tensor([0, 1]))
@@ -87,7 +87,7 @@ def test_all_negative_similarities_fall_back_to_plain_mean():
     torch.testing.assert_close(soft[0], probs.mean(0))
 
 
-def test_empty_queues_give_none_and_ce_only():
+def test_sdl_empty_queues_give_none_and_ce_only():
     anchors = EmotionAnchors(3, 4)
     assert anchors.soft_labels(torch.randn(2, 4)) is None
     logits, labels = torch.randn(2, 3, requires_grad=True), torch.tensor([0, 2])

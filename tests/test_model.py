@@ -2,7 +2,10 @@
 import argparse
 import math
 import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +240,26 @@ def test_a_model_from_scratch_starts_from_maes_sincos_position_embedding():
     assert 0.01 < normal.std() < 0.03  # the release's trunc-normal 0.02
     with pytest.raises(ValueError, match="pos_init must be 'sincos' or 'normal', got 'learned'"):
         M.build_model("s2d_tiny", num_classes=7, num_frames=2, pos_init="learned")
+
+
+def test_model_imports_and_runs_without_triton():
+    # triton blocked: `import model`, a forward and a backward work on the plain-torch equations; asking for the
+    # fused kernels then says what is missing and what to use instead
+    code = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now fails
+import torch, model
+net = model.build_model("s2d_tiny", num_classes=7, num_frames=2)
+logits, _ = net(torch.randn(1, 3, 2, 112, 112), torch.randn(1, 2, 128, 14, 14))
+logits.sum().backward()
+assert not any(m == "kernels" or m.startswith("kernels.") for m in sys.modules), "kernels/ was imported"
+fused = model.build_model("s2d_tiny", num_classes=7, num_frames=2, kernels="triton")
+try:
+    fused(torch.randn(1, 3, 2, 112, 112), torch.randn(1, 2, 128, 14, 14))
+except RuntimeError as e:
+    print("refused:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(M.__file__).parent, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: kernels='triton' needs the triton package" in run.stdout and "kernels='torch'" in run.stdout

@@ -59,13 +59,15 @@ def test_pinned_model_loss_and_gradients_are_unchanged():
     now = compute(pinned["weights"])
     assert now.keys() == pinned["outputs"].keys()
     for name, value in now.items():
-        torch.testing.assert_close(value, pinned["outputs"][name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(value, pinned["outputs"][name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_pinned_kernel_references_are_unchanged():
     pinned = torch.load(PINNED, weights_only=True)
     for name, value in kernel_references().items():
-        torch.testing.assert_close(value, pinned["kernels"][name], atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(value, pinned["kernels"][name], atol=1e-6, rtol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
