@@ -923,13 +923,15 @@ def bench(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("make-demo", help="write the procedural demo dataset")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    demo = sub.add_parser("make-demo", parents=[common], help="write the procedural demo dataset")
     demo.add_argument("--out", default="data/demo", help="output folder, must not exist or be empty")
     demo.add_argument("--clips", type=int, default=490, help="number of clips over the 7 classes (a fifth test)")
     demo.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset")
     demo.add_argument("--size", type=int, default=112, help="frame size in pixels")
     demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
-    chk = sub.add_parser("check", help="read split files and decode every clip")
+    chk = sub.add_parser("check", parents=[common], help="read split files and decode every clip")
     chk.add_argument("--dataset", required=True, choices=sorted(CLASSES), help="which reader and label order")
     chk.add_argument("--root", required=True, help="dataset root in its official layout (README)")
     chk.add_argument("--split", action="append", help="split file (repeatable); default: train and test of --fold")
@@ -937,7 +939,7 @@ def main(argv=None):
     chk.add_argument("--media-root", help="folder the split's paths are relative to, if not the official one")
     chk.add_argument("--one-based", action="store_true", help="DFEW's own split files with labels 1-7")
     chk.add_argument("--workers", type=int, default=4, help="decoding threads")
-    ben = sub.add_parser("bench", help="decode + augmentation throughput, frame folders vs mp4")
+    ben = sub.add_parser("bench", parents=[common], help="decode + augmentation throughput, frame folders vs mp4")
     ben.add_argument("--clips", type=int, default=28, help="generated clips (half frame folders, half mp4)")
     ben.add_argument("--frames", type=int, default=16, help="frames per clip")
     ben.add_argument("--size", type=int, default=224, help="frame size of the generated clips and of the crops")
@@ -953,5 +955,17 @@ def main(argv=None):
     return check(args) if args.command == "check" else bench(args) or 0
 
 
+def exit_on_user_error(script, main):
+    """Run main(); an error a user can cause (a bad file, clip, split line or checkpoint: ValueError, ClipError,
+    OSError) ends as one line `script: message` and exit code 1; with --debug on the command line, the traceback."""
+    try:
+        return main()
+    except (ValueError, ClipError, OSError) as err:
+        if "--debug" in sys.argv[1:]:
+            raise
+        print(f"{script}: {err}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error("data.py", main))

@@ -16,6 +16,7 @@ Check a checkpoint on a few face crops (an image file or a folder of frames, dec
 import argparse
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -420,6 +421,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="--train: seed of initialisation and order")
     parser.add_argument("--bench", action="store_true", help="time the frozen forward (BatchNorm folded or not) of "
                                                               "the full preset on a 16-frame clip, 1 thread")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     args = parser.parse_args(argv)
     if args.bench:
         return bench()
@@ -438,4 +440,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(data.exit_on_user_error("landmarks.py", main))

@@ -72,6 +72,13 @@ RUN_DEFAULTS = {  # one value per kind, in KINDS order
     "landmark_preset": ("mobilefacenet_tiny", "mobilefacenet_tiny", "mobilefacenet", "mobilefacenet"),
     "workers": (1, 1, 8, 8),  # demo: one loader process overlaps decoding with the model's 2 threads (12 % faster)
 }
+
+
+def by_kind(name):
+    """The defaults of option `name` per run kind, for its --help: 'demo image 7, demo video 3, image 20, video 100'."""
+    return ", ".join(f"{kind} {value}" for kind, value in zip(KINDS, RUN_DEFAULTS[name], strict=True))
+
+
 RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps", "debug")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
 
@@ -85,7 +92,7 @@ add("--stage", choices=("demo", "image", "video"),
 add("--dataset", default="demo", choices=sorted(data.CLASSES), help="dataset to train on (default: demo)")
 add("--data-root", help="dataset folder (default for the demo: data/demo, generated when train.csv is missing)")
 add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
-add("--model", choices=("s2d_base", "s2d_tiny"), help="preset (default: s2d_tiny for the demo, s2d_base otherwise)")
+add("--model", choices=("s2d_base", "s2d_tiny"), help=f"preset (default: {by_kind('model')})")
 add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
                    "ours or the released pretrain-AffectNet-7.pth (video stage)")
 add("--allow-partial-init", action="store_true",
@@ -100,22 +107,20 @@ add("--no-mcp", action="store_true", help="ablation: no landmark view and no MCP
 add("--no-tma", action="store_true", help="ablation: the video stage without TMA (the image model on every frame, "
                                           "its per-frame features averaged over time)")
 add("--oversample", action="store_true", help="class-balanced sampling (trades WAR for UAR, paper Tables IX-X)")
-add("--epochs", type=int, help="training epochs (default: demo image 10, demo video 4; image 20, video 100)")
-add("--batch-size", type=int, help="clips per process and micro-step (default: demo 16 / 8; image 32, video 8)")
+add("--epochs", type=int, help=f"training epochs (default: {by_kind('epochs')})")
+add("--batch-size", type=int, help=f"clips per process and micro-step (default: {by_kind('batch_size')})")
 add("--accum-steps", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
-add("--num-frames", type=int, help="frames per clip (default: demo video 8, image 1, video 16)")
-add("--sampling-rate", type=int, help="frame step within a clip (default: demo video 2, else 1 as in the paper)")
-add("--blr", type=float, help="base lr; lr = blr * total_batch / 8 (default: demo image 5e-4, demo video 3e-3; "
-                              "image 5e-6, video 1e-5)")
+add("--num-frames", type=int, help=f"frames per clip (default: {by_kind('num_frames')})")
+add("--sampling-rate", type=int, help=f"frame step within a clip (default: {by_kind('sampling_rate')})")
+add("--blr", type=float, help=f"base lr; lr = blr * total_batch / 8 (default: {by_kind('blr')})")
 add("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
-add("--warmup-epochs", type=float, help="linear warm-up, in epochs (default: demo 1 / 0.5, otherwise 2)")
+add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {by_kind('warmup_epochs')})")
 add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
 add("--augment", choices=("paper", "light", "flip", "none"),
     help="training augmentation. paper: RandAugment (m7, n4, mstd 0.5), random erasing 0.25, random resized crop and "
-         "flip (README, Training); light: the crop and flip only; flip: the flip only (default: none for the demo, "
-         "whose faces are aligned, else paper)")
-add("--sdl-start", type=int, help="first epoch (0-based) with the SDL term, -1 for none (default: demo video 1, "
-                                  "image -1, video 20)")
+         f"flip (README, Training); light: the crop and flip only; flip: the flip only (default: {by_kind('augment')})")
+add("--sdl-start", type=int,
+    help=f"first epoch (0-based) with the SDL term, -1 for none (default: {by_kind('sdl_start')})")
 add("--lambda-schedule", default="linear", choices=SCHEDULES,
     help="SDL weight: linear / cosine ramp from 0 to 1 (the paper), or release: the released epoch steps")
 add("--sdl-ramp", type=float, default=0.0, help="ramp length in epochs (0: over the rest of the training)")
@@ -130,7 +135,8 @@ add("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
     help="autocast on CUDA (auto: bf16 on CUDA, fp32 on CPU); fp16 uses a gradient scaler")
 add("--kernels", default="auto", choices=("auto", "triton", "torch"), help="TMA / MCP kernels (auto: triton on CUDA)")
 add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
-add("--workers", type=int, help="data-loading worker processes per process (default: demo 1, otherwise 8)")
+add("--workers", type=int, help=f"data-loading worker processes per process (default: {by_kind('workers')}; the "
+                               "demo pipeline runs its stages with 0)")
 add("--debug", action="store_true", help="show the Python traceback of an error (by default: one line naming it)")
 add("--seed", type=int, default=0, help="seed of model init, split, sampling order and augmentation")
 add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>; the demo's stages: runs/demo-<stage>)")
@@ -337,6 +343,10 @@ if precision != "fp32" and not use_cuda:
 amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 out = Path(args.out)
+existing = next(p for p in (out, *out.parents) if p.exists())  # --out is made only later: check it can be, now
+if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    parser.error(f"--out {out}: cannot create or write it ({existing} is "
+                 f"{'not a folder' if not existing.is_dir() else 'not writable'})")
 if not args.resume and (out / "last.pt").exists() and args.dataset != "demo":
     parser.error(f"{out} holds a checkpoint: continue it with --resume {out}, or choose another --out")
 
