@@ -2,7 +2,7 @@
 (paper Sec. IV-C), clip-consistent augmentation, class-balanced oversampling and a generated demo dataset.
 
     python data.py make-demo --out data/demo                        # procedural face videos, FERV39K layout
-    python data.py check --dataset dfew --root DATA/DFEW --fold 1   # decodes every clip, lists the bad ones
+    python data.py check --dataset dfew --root data/DFEW --fold 1   # decodes every clip, lists the bad ones
     python data.py bench                                            # clips/s at 16 frames x 224 px, train aug
 """
 import argparse
@@ -198,13 +198,26 @@ class DatasetFiles:
     media_root: str  # the folder that Sample.path is relative to
 
 
+# Where train.py and eval.py look for each dataset without --data-root: data/<NAME>, as the authors' scripts do
+DEFAULT_ROOTS = {"dfew": "data/DFEW", "ferv39k": "data/FERV39K", "mafw": "data/MAFW", "rafdb": "data/RAF-DB",
+                 "affectnet7": "data/AffectNet", "affectnet8": "data/AffectNet", "ferplus": "data/FERPlus",
+                 "demo": "data/demo", "demo_image": "data/demo"}
+
+
+class LayoutError(ValueError):
+    """A dataset root that is not in its release layout; the message lists what is missing and what is there."""
+
+
 def dataset_files(dataset, root, fold=1):
-    """Where the official layout under `root` keeps the split files and the media (README, section Datasets)."""
+    """Where the release layout under `root` keeps the split files and the media (README, section Datasets): the
+    folders the authors' split files and scripts use (DFEW's 16-frame face crops, FERV39K's face crops, MAFW's
+    aligned PNG crops, whose folders drop the split's .mp4 suffix)."""
     if not 1 <= fold <= 5:
         raise ValueError(f"fold {fold} outside 1..5")
-    split = {"dfew": ("EmoLabel_DataSplit/{0}(single-labeled)/{0}_set_%d.csv" % fold, "Clip/clip_224x224"),
-             "ferv39k": ("Annotation/{0}.csv", "."), "demo": ("{0}.csv", "."), "demo_image": ("stills_{0}.csv", "."),
-             "mafw": ("anno/single/no_caption/set_%d/{0}.txt" % fold, "data/clips"),
+    split = {"dfew": ("EmoLabel_DataSplit/{0}(single-labeled)/{0}_set_%d.csv" % fold, "Clip/clip_224x224_16f"),
+             "ferv39k": ("Annotation/{0}.csv", "2_ClipsforFaceCrop"), "demo": ("{0}.csv", "."),
+             "demo_image": ("stills_{0}.csv", "."),
+             "mafw": ("anno/single/no_caption/set_%d/{0}.txt" % fold, "data/frames/frames_crop_align_224"),
              "rafdb": ("EmoLabel/list_patition_label.txt#{0}", "Image/aligned"),
              "affectnet7": ("Manually_Annotated_file_lists/{1}.csv", "Manually_Annotated_Images"),
              "ferplus": ("fer2013new.csv#{0}", ".")}
@@ -214,6 +227,24 @@ def dataset_files(dataset, root, fold=1):
     pattern, media = split[dataset]
     train, test = (str(Path(root, pattern.format(*names))) for names in (("train", "training"), ("test", "validation")))
     return DatasetFiles(train, test, str(Path(root, media)))
+
+
+def layout_problem(dataset, root, files, needed=("train", "test")):
+    """None when the split files in `needed` and the media folder of `files` exist, else one message naming each
+    missing path exactly and what `root` holds instead."""
+    wanted = [(f"{name} split", getattr(files, name).partition("#")[0]) for name in needed]
+    missing = [(what, path) for what, path in wanted + [("media folder", files.media_root)] if not Path(path).exists()]
+    if not missing:
+        return None
+    root = Path(root)
+    if root.is_dir():
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        found = f"{root} holds: {', '.join(entries[:12]) + (', ...' if len(entries) > 12 else '') or 'nothing'}"
+    else:
+        found = f"{root} does not exist"
+    lines = [f"{root} is not the {dataset} release layout (README, Datasets); missing:"]
+    lines += [f"  {what}: {path}" for what, path in missing] + [f"  ({found})"]
+    return "\n".join(lines)
 
 
 # ---- decoding with PyAV
@@ -873,7 +904,17 @@ def make_demo(out_dir="data/demo", num_clips=None, seed=0, size=112, mp4_every=4
 def check(args):
     """Open every clip of the split files; print counts per class and every bad item; exit status 1 if any."""
     files = dataset_files(args.dataset, args.root, args.fold)
-    media_root = args.media_root or files.media_root
+    if args.media_root:
+        files = DatasetFiles(files.train, files.test, args.media_root)
+    problem = None if args.split else layout_problem(args.dataset, args.root, files)
+    if problem is None and args.split:
+        missing = [path for path in args.split if not Path(path.partition("#")[0]).is_file()]
+        problem = "; ".join(f"split file {path} does not exist" for path in missing) or None
+        if problem is None and not Path(files.media_root).is_dir():
+            problem = f"the media folder {files.media_root} does not exist"
+    if problem:
+        raise LayoutError(problem)
+    media_root = files.media_root
     bad = 0
     for split in args.split or [files.train, files.test]:
         samples = read_split(args.dataset, split, one_based=args.one_based)

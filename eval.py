@@ -12,6 +12,7 @@ the per-view probabilities are gathered, and every rank computes the same metric
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -285,7 +286,11 @@ def parse_args(argv=None):
         help="our checkpoint (train.py) or a released S2D one; with --folds, a pattern with {fold}",
     )
     p.add_argument("--dataset", choices=sorted(CLASSES), help="dataset whose test split is evaluated")
-    p.add_argument("--data-root", help="dataset root folder (layout as in data.py / README)")
+    p.add_argument("--data-root", help="dataset folder in its release layout (README, Datasets; default: "
+                   "data/<NAME>, e.g. data/DFEW)")
+    p.add_argument("--media-root", help="folder the split file's paths are relative to (default: the layout's)")
+    p.add_argument("--split", help="test split file instead of the release layout's (e.g. MAFW's set_1/test.csv)")
+    p.add_argument("--one-based", action="store_true", help="DFEW's own split files, labels 1-7")
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, default=1, help="the fold to evaluate (DFEW, MAFW: 1-5; default 1)")
     folds.add_argument("--folds", help="several folds, e.g. 1-5 or 1,3: per-fold reports, then mean and std")
@@ -303,8 +308,10 @@ def parse_args(argv=None):
     p.add_argument("--allow-other-classes", action="store_true",
                    help="evaluate even when the checkpoint's classes are not --dataset's (by default it stops)")
     args = p.parse_args(argv)
-    if not args.video and not (args.dataset and args.data_root):
-        p.error("give --dataset and --data-root (a test split), or --video (one clip)")
+    if not args.video and not args.dataset:
+        p.error("give --dataset (its test split, under --data-root), or --video (one clip)")
+    if args.dataset and not args.data_root:
+        args.data_root = data.DEFAULT_ROOTS[args.dataset]
     if args.out:  # found before the evaluation, not after it
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
@@ -354,7 +361,12 @@ def load_model(path, device, show=print):
     """Our checkpoint (config inside) or a released one (config inferred) -> (model in eval mode, checkpoint)."""
     ckpt = safe_load(path)
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    cfg = S2DConfig(**config) if config else config_from_state_dict(ckpt)
+    if not (isinstance(config, dict) and set(config) <= {f.name for f in dataclasses.fields(S2DConfig)}):
+        config = None  # not one of ours (a landmark file records its own config): judged by its tensors
+    try:
+        cfg = S2DConfig(**config) if config else config_from_state_dict(ckpt)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: {err}") from None
     model = S2D(cfg)
     report = load_checkpoint(model, ckpt, verbose=False)
     if report.missing or report.mismatched:
@@ -409,11 +421,15 @@ def views_dataset(args, ckpt, model, samples, media_root, views):
 
 def eval_fold(args, fold, device, show):
     path = args.checkpoint.format(fold=fold) if "{fold}" in args.checkpoint else args.checkpoint
+    files = dataset_files(args.dataset, args.data_root, fold=fold)
+    files = data.DatasetFiles(files.train, args.split or files.test, args.media_root or files.media_root)
+    problem = data.layout_problem(args.dataset, args.data_root, files, needed=("test",))
+    if problem:
+        raise data.LayoutError(problem)
     model, ckpt = load_model(path, device, show)
     check_classes(path, ckpt, args.dataset, model.cfg.num_classes, args.allow_other_classes)
     landmark_net = landmark_view(args, ckpt, model, device, show)
-    files = dataset_files(args.dataset, args.data_root, fold=fold)
-    samples = read_split(args.dataset, files.test)
+    samples = read_split(args.dataset, files.test, one_based=args.one_based)
     ds = views_dataset(args, ckpt, model, samples, files.media_root, data.eval_views(args.dataset))
     show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {len(ds) // len(samples)} views")
     result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)

@@ -486,6 +486,11 @@ def load_checkpoint(model: S2D, path_or_state_dict, verbose=True) -> LoadReport:
 def config_from_state_dict(sd) -> S2DConfig:
     """Infer the architecture from a state dict in any supported naming (used by eval.py for released files)."""
     sd, _, _ = to_ours(_unwrap(sd, "<state dict>"))
+    if "patch_embed.weight" not in sd:
+        landmark = any(k.startswith(("conv1.conv.", "conv_4.", "output_layer.")) for k in sd)
+        what = ("a MobileFaceNet landmark checkpoint (it belongs to --landmark-weights)" if landmark else
+                f"its tensors are named {', '.join(sorted(sd)[:3]) or 'nothing'}, ...")
+        raise ValueError(f"not an S2D or ViT checkpoint: {what}")
     C, _, p, _ = sd["patch_embed.weight"].shape
     depth = len(_block_ids(sd))
     cfg = dict(width=C, patch_size=p, depth=depth, img_size=p * math.isqrt(sd["pos_embed"].shape[1] - 1),

@@ -10,12 +10,10 @@ The demo's stages one by one (what `python train.py` runs on a 2-core machine: 2
         --landmark-weights runs/demo-landmarks/landmarks.pt --batch-size 8 --workers 0 --out runs/demo-image
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --stage video --init runs/demo-image/best.pt \
         --landmark-weights runs/demo-landmarks/landmarks.pt --batch-size 4 --workers 0 --out runs/demo-video
-Image stage, one 8-GPU node: full fine-tuning of an MAE ViT-B/16 on AffectNet-7:
-    torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7 --data-root DATA/AffectNet \
-        --init mae_pretrain_vit_base.pth --landmark-weights mobilefacenet_model_best.pth.tar
-Video stage (DFEW fold 1; likewise --dataset ferv39k, or --dataset mafw --fold k):
-    torchrun --standalone --nproc_per_node=8 train.py --dataset dfew --fold 1 --data-root DATA/DFEW \
-        --init pretrain-AffectNet-7.pth --landmark-weights mobilefacenet_model_best.pth.tar
+Real datasets sit in data/<NAME> (README, Datasets) and the start files in weights/ (README, Files to download):
+    torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7   # image stage, from MAE
+    torchrun --standalone --nproc_per_node=8 train.py --dataset ferv39k                    # video stage
+    torchrun --standalone --nproc_per_node=8 train.py --dataset dfew --fold 1              # folds 1-5, MAFW too
 Continue a stopped run (same world size for a bit-exact continuation):
     python train.py --resume runs/demo-video
 
@@ -79,6 +77,14 @@ def by_kind(name):
     return ", ".join(f"{kind} {value}" for kind, value in zip(KINDS, RUN_DEFAULTS[name], strict=True))
 
 
+# Where a real-dataset run looks for the files it starts from, and where to get each (README, Files to download)
+WEIGHTS = {"video": "weights/pretrain-AffectNet-7.pth", "image": "weights/mae_pretrain_vit_base.pth",
+           "landmarks": "weights/mobilefacenet_model_best.pth.tar"}
+WHERE = {"video": "the authors' image-stage checkpoint, https://huggingface.co/cyinen/S2D (pretrain-AffectNet-7.pth), "
+                  "or your own: train.py --stage image --dataset affectnet7",
+         "image": "MAE's ImageNet-1K ViT-B/16, https://github.com/facebookresearch/mae (mae_pretrain_vit_base.pth)",
+         "landmarks": "the 68-point MobileFaceNet in the authors' repository, https://github.com/MSA-LMC/S2D "
+                      "(landmark/mobilefacenet_model_best.pth.tar)"}
 RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps", "debug")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
 
@@ -90,16 +96,25 @@ add("--stage", choices=("demo", "image", "video"),
          "model, full fine-tuning (from an MAE ViT-B/16 via --init); video: the DFER model (default otherwise), "
          "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise")
 add("--dataset", default="demo", choices=sorted(data.CLASSES), help="dataset to train on (default: demo)")
-add("--data-root", help="dataset folder (default for the demo: data/demo, generated when train.csv is missing)")
+add("--data-root", help="dataset folder in its release layout (README, Datasets; default: data/<NAME>, e.g. "
+                        "data/FERV39K; the demo's data/demo is generated when train.csv is missing)")
+add("--media-root", help="folder the split files' paths are relative to (default: the release layout's, e.g. "
+                         "<data-root>/2_ClipsforFaceCrop for FERV39K)")
+add("--train-split", help="training split file instead of the release layout's (e.g. MAFW's set_1/train.csv)")
+add("--test-split", help="test split file instead of the release layout's")
+add("--one-based", action="store_true", help="DFEW's own split files, labels 1-7 (the authors' files count 0-6)")
 add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
 add("--model", choices=("s2d_base", "s2d_tiny"), help=f"preset (default: {by_kind('model')})")
 add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
-                   "ours or the released pretrain-AffectNet-7.pth (video stage)")
+                   "ours or the released pretrain-AffectNet-7.pth (video stage). On a real dataset the default is "
+                   f"{WEIGHTS['video']} (video stage) or {WEIGHTS['image']} (image stage); 'none' trains from "
+                   "scratch, which must be asked for")
 add("--allow-partial-init", action="store_true",
     help="start even when --init leaves some of the backbone unloaded (by default the run stops before its first "
          "step: the video stage needs every tensor it freezes, the image stage the whole ViT)")
 add("--landmark-weights", help="MobileFaceNet checkpoint: mobilefacenet_model_best.pth.tar, or the landmarks.pt of "
-                               "landmarks.py --train; default: an untrained detector (a warning says so)")
+                               f"landmarks.py --train. On a real dataset the default is {WEIGHTS['landmarks']}; "
+                               "'none' (or the demo without it) uses an untrained detector, with a warning")
 add("--landmark-preset", choices=sorted(landmarks.PRESETS),
     help="MobileFaceNet size without --landmark-weights (default: the tiny one for the demo, else the public "
          "checkpoint's); a weights file records its own")
@@ -320,9 +335,12 @@ else:
     for name, by_kind in RUN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, by_kind[kind])
-    if args.data_root is None and args.dataset not in ("demo", "demo_image"):
-        parser.error(f"--data-root is needed for --dataset {args.dataset}")
-    args.data_root = args.data_root or "data/demo"
+    args.data_root = args.data_root or data.DEFAULT_ROOTS[args.dataset]
+    if args.dataset not in ("demo", "demo_image"):  # a real dataset: the files it starts from, found now
+        args.init = args.init or WEIGHTS[args.stage]
+        args.landmark_weights = args.landmark_weights or (None if args.no_mcp else WEIGHTS["landmarks"])
+    args.init = None if args.init == "none" else args.init
+    args.landmark_weights = None if args.landmark_weights == "none" else args.landmark_weights
     fold = f"-fold{args.fold}" if args.dataset in FOLDED else ""
     args.out = args.out or f"runs/{args.dataset}{fold}-{args.stage}"
 
@@ -361,9 +379,21 @@ if args.dataset == "demo" and not (root / "train.csv").exists():
     if ddp:
         dist.barrier()
 files = data.dataset_files(args.dataset, root, fold=args.fold)
+files = data.DatasetFiles(args.train_split or files.train, args.test_split or files.test,
+                          args.media_root or files.media_root)
+if not args.resume:  # everything the run reads, checked before it reads anything: one message for all of it
+    missing = [data.layout_problem(args.dataset, root, files)]
+    starts = [("init", args.init, WHERE[args.stage]), ("landmark-weights", args.landmark_weights, WHERE["landmarks"])]
+    missing += [f"--{option} {path}: no such file" + (f"; get {where}" if path in WEIGHTS.values() else "")
+                for option, path, where in starts if path and not Path(path).is_file()]
+    missing = [m for m in missing if m]
+    if missing:
+        hint = ("\n(to train without them, ask for it: --init none, --landmark-weights none)"
+                if any(m.startswith("--") for m in missing) else "")
+        sys.exit("train.py: cannot start:\n" + "\n".join(missing) + hint if master else 1)
 classes = data.CLASSES[args.dataset]
-train_all = data.read_split(args.dataset, files.train)
-test_samples = data.read_split(args.dataset, files.test)
+train_all = data.read_split(args.dataset, files.train, one_based=args.one_based)
+test_samples = data.read_split(args.dataset, files.test, one_based=args.one_based)
 for split, samples in ((files.train, train_all), (files.test, test_samples)):  # found now, not after training
     problems = [p for _, p in data.header_problems(samples[rank::world], files.media_root)]  # each rank a share
     if ddp:

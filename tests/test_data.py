@@ -110,6 +110,12 @@ def test_dataset_files_official_layouts(tmp_path):
     assert data.dataset_files("rafdb", tmp_path).train.endswith("list_patition_label.txt#train")
     demo = data.dataset_files("demo", tmp_path)
     assert (demo.train, demo.media_root) == (str(tmp_path / "train.csv"), str(tmp_path))
+    # the media folders of the releases, as the authors' split files and scripts use them
+    assert dfew.media_root == str(tmp_path / "Clip/clip_224x224_16f")
+    assert data.dataset_files("ferv39k", tmp_path).media_root == str(tmp_path / "2_ClipsforFaceCrop")
+    mafw = data.dataset_files("mafw", tmp_path, fold=2)
+    assert mafw.train == str(tmp_path / "anno/single/no_caption/set_2/train.txt")
+    assert mafw.media_root == str(tmp_path / "data/frames/frames_crop_align_224")
 
 
 # ---- bad input: split files fail at load with file and line

@@ -5,12 +5,12 @@ code, the one-line message naming the file, line or shape, and what is kept. tra
     kill -9 / SIGTERM / a stop mid-epoch, then --resume: bit-exact     test_kill_9_*, test_sigterm_*, test_resume_*
     a non-finite loss; a failed save (disk full)                       test_non_finite_*, test_a_failed_save_*
     --init that does not fit; broken, foreign or code-carrying files   test_an_init_*, test_a_broken_*, test_code_*
-    missing, empty, corrupt clips; one-frame clips; grey and RGBA      test_a_missing_*, test_last_pt_*, test_frames_*
-    empty split, bad split line, unwritable --out                      test_an_empty_split_*, test_a_bad_split_line_*
-Elsewhere, for the reader of one module: split-file errors naming file and line (tests/test_data.py), corrupt
-JPEG / H.264 data (tests/test_data_pipeline.py), eval.py's class check, unwritable --out and broken checkpoints,
-and distributed evaluation with an odd number of clips (tests/test_eval.py), code-carrying checkpoints at every
-loader (tests/test_model.py, tests/test_landmarks.py).
+    missing, empty, corrupt clips; one-frame clips; grey and RGBA      test_a_missing_*, test_corrupt_*, test_grey_*
+    a bad clip in validation; empty split, bad split line, bad --out  test_last_pt_*, test_an_empty_*, test_a_bad_*
+    every script's errors in one line; distributed evaluation, odd   test_each_script_*, test_evaluate_two_gloo_*
+Beside these, tests/test_data.py checks every split-file error (file and line), tests/test_eval.py eval.py's class
+check, unwritable --out and broken checkpoints, tests/test_model.py and tests/test_landmarks.py the code-carrying
+checkpoints at every loader, and tests/test_layouts.py a missing dataset layout or start file.
 """
 import json
 import os
@@ -26,7 +26,9 @@ import pytest
 import torch
 
 import data
+from eval import evaluate
 from model import safe_load
+from test_eval import _eval_worker, eval_dataset, make_frames_dataset, tiny_model
 from test_train import ENV, ROOT, TINY, TRAIN, assert_same_tensors, train
 
 pytestmark = pytest.mark.slow
@@ -216,11 +218,14 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(
 def test_a_broken_checkpoint_file_is_one_line_naming_it(demo, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    for name, what in (("empty.pt", "0 bytes; EOFError"), ("notes.pt", "16 bytes; "), ("missing.pt", "no such")):
+    for name, what in (("empty.pt", "0 bytes; EOFError"), ("notes.pt", "16 bytes; ")):
         proc = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / name), check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith(f"train.py: {tmp_path / name}: ") and what in line
+    missing = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "missing.pt"), check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr  # found before the data is read
+    assert f"train.py: cannot start:\n--init {tmp_path / 'missing.pt'}: no such file" in missing.stderr
     debug = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "empty.pt"), "--debug", check=False)
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug shows where it came from
 
@@ -403,8 +408,53 @@ def test_each_script_ends_a_user_error_in_one_line(tmp_path, script, args, names
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"{script}: ") and names.format(tmp=tmp_path) in lines[-1], lines
+    message = proc.stderr[proc.stderr.index(f"{script}: "):]  # the message, after any warnings
+    assert names.format(tmp=tmp_path) in message and message.count(f"{script}: ") == 1, proc.stderr
     debug = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--debug"], capture_output=True,
                            text=True, env=ENV, cwd=ROOT, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+# ----------------------------------------------------------------------------- corrupt data; distributed evaluation
+def _corrupt_middle(path, n=200):
+    """n bytes of 0xFF in the middle of the file. JPEG and H.264 carry no checksum: random bytes there were caught
+    in 33 of 51 demo frames (README), a run of 0xFF is invalid entropy-coded data every time."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + n] = b"\xff" * n
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_frames_and_videos_are_errors_not_garbage(demo, tmp_path, capsys):
+    root = tmp_path / "demo"
+    shutil.copytree(demo, root)
+    train, test = data.read_split("demo", root / "train.csv"), data.read_split("demo", root / "test.csv")
+    folder = next(s for s in train if not s.path.endswith(".mp4"))  # a frame folder
+    video = next(s for s in test + train if s.path.endswith(".mp4"))  # and an mp4
+    frame = data.list_frames(root / folder.path)[2]
+    _corrupt_middle(Path(frame))  # its end-of-image marker is intact
+    assert Path(frame).read_bytes().endswith(b"\xff\xd9")
+    with pytest.raises(data.ClipError, match=f"{frame}: corrupt image data"):
+        data.load_clip(folder, root)
+    _corrupt_middle(data.resolve(root, video.path), n=2000)
+    with pytest.raises(data.ClipError, match=str(data.resolve(root, video.path))):
+        data.load_clip(video, root)
+    assert data.main(["check", "--dataset", "demo", "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {folder.path} (label {folder.label}): {frame}: corrupt image data" in out
+    assert f"BAD {video.path}" in out and "2 bad item(s)" in out
+
+
+def test_evaluate_two_gloo_ranks_equals_one(tmp_path, spawn_ranks):
+    make_frames_dataset(tmp_path)
+    # 3 clips x 3 views = 9 views: rank 0 takes 5, rank 1 takes 4, and each clip's views are split between ranks
+    spawn_ranks(_eval_worker, str(tmp_path), timeout=150)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model, lm = tiny_model()
+    single = evaluate(model, lm, eval_dataset(tmp_path), batch_size=3, device="cpu")
+    assert ranks[0] == ranks[1]  # identical on every rank
+    for key in ("uar", "war", "recall", "f1", "macro_f1", "confusion", "support"):
+        assert ranks[0][key] == single[key], key  # digit for digit
+    assert [p["index"] for p in ranks[0]["predictions"]] == [0, 1, 2]  # each clip exactly once
+    got = torch.tensor([p["probs"] for p in ranks[0]["predictions"]])
+    torch.testing.assert_close(got, torch.tensor([p["probs"] for p in single["predictions"]]), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,9 @@
-"""README's reading order and exercises point at what is really there: line ranges, function names, graders."""
+"""README's reading order and exercises point at what is really there: line ranges, function names, graders.
+
+After moving code, `python tests/test_readme.py --fix` rewrites the reading order's line ranges from the code."""
 import ast
 import re
+import sys
 from pathlib import Path
 
 from test_exercises import EXERCISES
@@ -40,3 +43,19 @@ def test_exercises_table_is_the_checked_list():
     grader = r"`python -m pytest tests/test_equations.py -k (\w+)`"
     rows = re.findall(r"^\| [^|]+ \| `([\w/]+\.py)` `([\w.]+)` \| " + grader + r" \|", section("Exercises"), re.M)
     assert rows == [tuple(e) for e in EXERCISES]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--fix"]:
+    def fixed(m):
+        path, what = m.group(1), m.group(4)
+        if what.startswith("# "):
+            lines = (ROOT / path).read_text().splitlines()
+            first = next(i for i, line in enumerate(lines, 1) if line.startswith("# ---") and what[2:] in line)
+            last = next((i for i in range(first, len(lines)) if lines[i].startswith("# ---")), len(lines))
+        else:
+            first, last = top_level(path, what)
+        return f"`{path}` {first}-{last} `{what}`"
+
+    text = re.sub(r"`([\w/]+\.py)` (\d+)-(\d+) `([^`]+)`", fixed, README)
+    (ROOT / "README.md").write_text(text)
+    print("README.md: reading order line ranges rewritten" if text != README else "README.md: already right")
