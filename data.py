@@ -819,7 +819,7 @@ def demo_clip(label, rng, size=112):
     return np.stack(frames), np.stack(points).astype(np.float32), intensity
 
 
-def _write_frames(folder, frames, names=None):
+def write_frames(folder, frames, names=None):
     """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally), or names[k].jpg."""
     folder.mkdir(parents=True)
     codec = av.CodecContext.create("mjpeg", "w")  # every JPEG frame is coded on its own
@@ -830,7 +830,7 @@ def _write_frames(folder, frames, names=None):
         (folder / f"{names[k - 1] if names else k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
 
 
-def _write_video(path, frames, fps=25):
+def write_video(path, frames, fps=25):
     """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
@@ -846,7 +846,7 @@ def _demo_item(job):
     """Render and write one demo clip; returns its split row and, for a frame folder, its still-image rows."""
     out, seed, label, k, rel, size = job
     frames, points, intensity = demo_clip(label, np.random.default_rng([seed, label, k]), size)
-    (_write_video if rel.endswith(".mp4") else _write_frames)(out / rel, frames)
+    (write_video if rel.endswith(".mp4") else write_frames)(out / rel, frames)
     landmarks = out / "landmarks" / Path(rel).relative_to("clips").with_suffix(".npy")
     landmarks.parent.mkdir(parents=True, exist_ok=True)
     np.save(landmarks, points)
@@ -854,7 +854,7 @@ def _demo_item(job):
     folder = rel
     if rel.endswith(".mp4"):  # the stills of a video clip are written as images of their own, under stills/
         folder = str(Path("stills", *Path(rel).with_suffix("").parts[1:]))
-        _write_frames(out / folder, frames[shown], names=[f + 1 for f in shown])
+        write_frames(out / folder, frames[shown], names=[f + 1 for f in shown])
     return f"{rel},{label}", [f"{folder}/{f + 1}.jpg,{label}" for f in shown]
 
 

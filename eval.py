@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
+import landmarks
 from data import CLASSES, ClipDataset, Sample, dataset_files, read_split
 from landmarks import LandmarkFeatures
 from model import S2D, S2DConfig, config_from_state_dict, load_checkpoint, safe_load
@@ -295,6 +298,10 @@ def parse_args(argv=None):
     folds.add_argument("--fold", type=int, default=1, help="the fold to evaluate (DFEW, MAFW: 1-5; default 1)")
     folds.add_argument("--folds", help="several folds, e.g. 1-5 or 1,3: per-fold reports, then mean and std")
     p.add_argument("--video", help="a video file or a folder of frames: print this one clip's class probabilities")
+    p.add_argument("--detector", help="--video: the folder with MTCNN's pnet.pt, rnet.pt, onet.pt (README, A video "
+                   "of your own): find, track, align and crop the face first; for a video that is not a face crop")
+    p.add_argument("--annotate", help="--video with --detector: write the frames with the face box, its points and "
+                   "the predicted label to this mp4")
     p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint; omitted: the one the checkpoint was "
                    "trained with (train.py records it), else the untrained, seeded detector")
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass, per process (default 8)")
@@ -464,18 +471,69 @@ def write_csv(path, per_fold):
                 )
 
 
+def looks_uncropped(frame, model_side):
+    """A frame far from a square face crop: much wider than tall (or the reverse), or far larger than the input."""
+    h, w = frame.shape[:2]
+    return max(h, w) > 1.25 * min(h, w) or min(h, w) > 4 * model_side
+
+
+def _box(img, box, colour, width=2):
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    H, W = img.shape[:2]
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, W - 1), min(y2, H - 1)
+    for edge in (img[y1:y1 + width, x1:x2], img[y2 - width + 1:y2 + 1, x1:x2], img[y1:y2, x1:x1 + width],
+                 img[y1:y2, x2 - width + 1:x2 + 1]):
+        edge[...] = colour
+
+
+def annotate(path, video, boxes, points, label, fps=25):
+    """Write the frames with the tracked face box (green), its five points (red) and the label as an H.264 mp4."""
+    frames = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2].copy()  # H.264 wants even sides
+    scale = max(2, frames.shape[1] // 180)
+    for frame, box, pts in zip(frames, boxes.tolist(), points.numpy(), strict=True):
+        _box(frame, box, (0, 220, 0))
+        _dots(frame, pts, (230, 30, 30), 1)
+        draw_text(frame, label, max(0, int(box[1]) - 7 * scale), max(0, int(box[0])), scale, (255, 255, 255))
+    data.write_video(Path(path), frames, fps)
+
+
 def predict_video(args, device):
-    """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first)."""
+    """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first). With
+    --detector, the face is found in every frame first (MTCNN), tracked, aligned and cropped."""
     model, ckpt = load_model(args.checkpoint, device)
     landmark_net = landmark_view(args, ckpt, model, device)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
     image = model.cfg.num_frames == 1 and not recorded(ckpt, "no_tma")  # an image-stage model: one view
     views = dict(temporal_views=1, spatial_crops=1) if image else data.eval_views(args.dataset or "any video")
-    ds = views_dataset(args, ckpt, model, [Sample(path=os.path.abspath(args.video), label=0)], "", views)
-    probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
+    clip = os.path.abspath(args.video)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.detector:
+            video = data.load_clip(Sample(path=clip, label=0), "")  # every frame, uint8 (T, H, W, 3)
+            faces, boxes, points, missed = landmarks.detect_and_align(
+                video, landmarks.MTCNN(args.detector), size=224, frames=args.video)
+            print(f"{args.video}: a face in {len(video) - len(missed)} of {len(video)} frames"
+                  + (f" (none in frames {', '.join(map(str, missed[:10]))}{', ...' if len(missed) > 10 else ''}:"
+                     " the track holds its last box there)" if missed else ""))
+            clip = str(Path(tmp) / "faces")
+            data.write_frames(Path(clip), faces)
+        else:
+            first = data.load_clip(Sample(path=clip, label=0), "", pick=lambda n: range(min(n, 1)))[0]
+            if looks_uncropped(first, model.cfg.img_size):
+                print(f"warning: {args.video}: frames of {first.shape[1]} x {first.shape[0]} look like an uncropped "
+                      "scene, but the model expects face crops; give --detector (README, A video of your own), or "
+                      "the answer below may mean nothing", file=sys.stderr)
+        ds = views_dataset(args, ckpt, model, [Sample(path=clip, label=0)], "", views)
+        probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
     print(f"{args.video}: {len(ds)} views averaged")
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
         print(f"  {name:<16} {p:.4f}")
+    if args.annotate:
+        if not args.detector:
+            raise ValueError("--annotate draws the detected face: give --detector too")
+        best = int(np.argmax(probs))
+        text = names[best][:2].upper() if all(c in _GLYPHS for c in names[best][:2].upper()) else str(best)
+        annotate(args.annotate, video, boxes, points, f"{text} {round(100 * probs[best])}")
+        print(f"annotated frames: {args.annotate}")
 
 
 def main(argv=None):

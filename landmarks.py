@@ -247,19 +247,19 @@ def read_landmark_checkpoint(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}, dict(config)
 
 
-def check_landmark_state_dict(path, sd, reference):
+def check_landmark_state_dict(path, sd, reference, what="MobileFaceNet-68"):
     """Check a checkpoint's names and shapes against `reference` (our own state dict), naming the file and every
     mismatch; returns sd."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict of {what}, found {type(sd).__name__}")
     missing = sorted(reference.keys() - sd.keys())
     unexpected = sorted(sd.keys() - reference.keys())
     if missing or unexpected:
-        raise ValueError(
-            f"{path} is not the 68-point MobileFaceNet checkpoint: missing keys {missing}, unexpected keys {unexpected}"
-        )
+        raise ValueError(f"{path} is not the {what} checkpoint: missing keys {missing}, unexpected keys {unexpected}")
     wrong = [f"{k}: expected {tuple(v.shape)}, found {tuple(sd[k].shape)}" for k, v in reference.items()
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
-        raise ValueError(f"{path}: tensor shapes differ from MobileFaceNet-68: " + "; ".join(wrong))
+        raise ValueError(f"{path}: tensor shapes differ from {what}: " + "; ".join(wrong))
     return sd
 
 
@@ -268,6 +268,246 @@ def read_frames(path):
     path = Path(path)
     frames = data.load_clip(data.Sample(path.name, 0), path.parent)  # uint8 (T, H, W, 3)
     return data.to_tensor(frames).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------- MTCNN face detection, for your own video
+# Zhang, Zhang, Li, Qiao, "Joint Face Detection and Alignment using Multi-task Cascaded Convolutional Networks" (2016):
+# P-Net proposes faces on an image pyramid, R-Net and O-Net refine them; O-Net also gives five landmarks (eyes, nose,
+# mouth corners). The layer names and shapes are those of the public weights in the facenet-pytorch 2.6.0 wheel
+# (facenet_pytorch/data/pnet.pt, rnet.pt, onet.pt; README, A video of your own), loaded with weights_only=True.
+MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+
+
+class PNet(nn.Module):
+    """12 x 12 windows, fully convolutional: (N, 3, H, W) -> face probability (N, h, w), box offsets (N, 4, h, w)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1, self.conv4_2 = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return torch.softmax(self.conv4_1(x), dim=1)[:, 1], self.conv4_2(x)
+
+
+class RNet(nn.Module):
+    """24 x 24 crops -> face probability (N,), box offsets (N, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.dense5_1, self.dense5_2 = nn.Linear(128, 2), nn.Linear(128, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(x))  # (N, 64, 3, 3)
+        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).flatten(1)))  # the weights read (W, H, C) order
+        return torch.softmax(self.dense5_1(x), dim=1)[:, 1], self.dense5_2(x)
+
+
+class ONet(nn.Module):
+    """48 x 48 crops -> face probability (N,), box offsets (N, 4), five points (N, 10): x0..x4, y0..y4 in the box."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x))  # (N, 128, 3, 3)
+        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).flatten(1)))
+        return torch.softmax(self.dense6_1(x), dim=1)[:, 1], self.dense6_2(x), self.dense6_3(x)
+
+
+def nms(boxes, scores, threshold, mode="union"):
+    """Greedy non-maximum suppression: indices of the kept boxes (x1, y1, x2, y2), best first. An overlap is
+    intersection / union, or intersection / the smaller area with mode 'min'."""
+    order = scores.argsort(descending=True)
+    boxes = boxes[order]
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (n, n)
+    base = torch.minimum(area[:, None], area[None]) if mode == "min" else area[:, None] + area[None] - inter
+    overlap = inter / base.clamp(min=1e-12)
+    keep, suppressed = [], torch.zeros(len(boxes), dtype=torch.bool)
+    for i in range(len(boxes)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlap[i] > threshold
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+def pyramid_scales(height, width, min_face=20, factor=0.709):
+    """The image scales at which P-Net's 12-pixel window sees faces from min_face pixels up to the whole image."""
+    scale, side, scales = 12 / min_face, min(height, width) * 12 / min_face, []
+    while side >= 12:
+        scales.append(scale)
+        scale, side = scale * factor, side * factor
+    return scales
+
+
+def square(boxes):
+    """Boxes (x1, y1, x2, y2) grown to squares of their longer side, about the same centre."""
+    centre, side = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values
+    return torch.cat([centre - side[:, None] / 2, centre + side[:, None] / 2], dim=1)
+
+
+def refine(boxes, offsets):
+    """Box regression: each corner moves by its offset times the box's width / height."""
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (w, h, w, h)
+    return boxes + offsets * size
+
+
+def crops(image, boxes, size):
+    """(1, 3, H, W) image -> (K, 3, size, size): each box, clipped to the image, resized (area averaging)."""
+    H, W = image.shape[2:]
+    out = []
+    for x1, y1, x2, y2 in boxes.round().long().tolist():
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(max(x2, x1 + 1), W), min(max(y2, y1 + 1), H)
+        out.append(F.interpolate(image[:, :, y1:y2, x1:x2], size=(size, size), mode="area"))
+    return torch.cat(out) if out else image.new_zeros(0, 3, size, size)
+
+
+class MTCNN(nn.Module):
+    """Face boxes, scores and five landmarks in an RGB uint8 image (H, W, 3). `weights`: the folder holding
+    pnet.pt, rnet.pt and onet.pt (README, A video of your own); without it the nets are untrained."""
+
+    def __init__(self, weights=None, min_face=20, factor=0.709, thresholds=(0.6, 0.7, 0.7)):
+        super().__init__()
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        self.min_face, self.factor, self.thresholds = min_face, factor, thresholds
+        if weights is not None:
+            for net, name in zip((self.pnet, self.rnet, self.onet), MTCNN_FILES, strict=True):
+                path = Path(weights) / name
+                sd = safe_load(path)
+                check_landmark_state_dict(path, sd, net.state_dict(), what=f"MTCNN {name[:4].upper()}")
+                net.load_state_dict(sd)
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, image):
+        """uint8 (H, W, 3) -> boxes (K, 4) as (x1, y1, x2, y2) pixels, scores (K,), points (K, 5, 2) as (x, y)."""
+        x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - 127.5) / 128  # (1, 3, H, W) in [-1, 1]
+        H, W = x.shape[2:]
+        found = []
+        for scale in pyramid_scales(H, W, self.min_face, self.factor):  # stage 1: P-Net on the pyramid
+            small = F.interpolate(x, size=(math.ceil(H * scale), math.ceil(W * scale)), mode="area")
+            prob, offsets = self.pnet(small)  # (1, h, w), (1, 4, h, w)
+            ys, xs = torch.nonzero(prob[0] >= self.thresholds[0], as_tuple=True)
+            cells = torch.stack([xs, ys], dim=1).float() * 2  # P-Net's stride is 2 pixels of the scaled image
+            boxes = torch.cat([cells, cells + 12], dim=1) / scale  # its 12 x 12 window, in the full image
+            scores, offsets = prob[0, ys, xs], offsets[0][:, ys, xs].T
+            keep = nms(boxes, scores, 0.5)
+            found.append((boxes[keep], scores[keep], offsets[keep]))
+        none = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
+        if not found or sum(len(b) for b, _, _ in found) == 0:
+            return none
+        boxes, scores, offsets = (torch.cat(parts) for parts in zip(*found, strict=True))
+        keep = nms(boxes, scores, 0.7)
+        boxes = square(refine(boxes[keep], offsets[keep]))
+        for net, size, threshold in ((self.rnet, 24, self.thresholds[1]), (self.onet, 48, self.thresholds[2])):
+            out = net(crops(x, boxes, size))  # stages 2 and 3: R-Net, then O-Net, on the boxes so far
+            keep = out[0] >= threshold
+            if not keep.any():
+                return none
+            boxes, scores, offsets = boxes[keep], out[0][keep], out[1][keep]
+            if net is self.onet:
+                size_wh = boxes[:, 2:] - boxes[:, :2]  # (K, 2)
+                pts = out[2][keep].reshape(-1, 2, 5).transpose(1, 2)  # (K, 5, 2): (x, y) as fractions of the box
+                points = boxes[:, None, :2] + pts * size_wh[:, None]
+                boxes = refine(boxes, offsets)
+                keep = nms(boxes, scores, 0.7, mode="min")
+                return boxes[keep], scores[keep], points[keep]
+            keep = nms(boxes, scores, 0.7)
+            boxes = square(refine(boxes[keep], offsets[keep]))
+        return none
+
+
+def face_track(detections, frames, window=5):
+    """One face through a clip: per frame the box that overlaps the track most (starting from the first frame's
+    best-scoring face), held over frames without a detection, then smoothed by a centred moving average of its
+    centre, size and eye points over `window` frames. detections: per frame (boxes, scores, points).
+    -> boxes (T, 4), points (T, 5, 2), and the frame numbers where no face was found."""
+    T = len(detections)
+    missed = [t for t, (boxes, _, _) in enumerate(detections) if len(boxes) == 0]
+    if len(missed) == T:
+        raise ValueError(f"{frames}: no face found in any of its {T} frames")
+    track, track_pts, current = [], [], None
+    first = next(t for t in range(T) if t not in missed)
+    for t in range(T):
+        boxes, scores, points = detections[t]
+        if len(boxes):
+            if current is None:
+                pick = int(scores.argmax())
+            else:
+                lt = torch.maximum(boxes[:, :2], current[0][:2])
+                rb = torch.minimum(boxes[:, 2:], current[0][2:])
+                pick = int((rb - lt).clamp(min=0).prod(-1).argmax())  # the largest overlap with the track
+            current = (boxes[pick], points[pick])
+        elif current is None:  # frames before the first detection take the first face
+            boxes, _, points = detections[first]
+            current = (boxes[0], points[0])
+        track.append(current[0])
+        track_pts.append(current[1])
+    track, track_pts = torch.stack(track), torch.stack(track_pts)  # (T, 4), (T, 5, 2)
+    kernel = torch.ones(1, 1, window) / window
+    def smooth(v):  # (T, k) -> (T, k), edges replicated
+        padded = F.pad(v.T[:, None], (window // 2, window // 2), mode="replicate")
+        return F.conv1d(padded, kernel)[:, 0].T
+    return smooth(track), smooth(track_pts.flatten(1)).reshape(T, 5, 2), missed
+
+
+def align_faces(video, boxes, points, size, enlarge=1.0):
+    """Crop and align one face per frame, the way MAFW's face crops were made (paper Sec. IV-C: detect, then crop
+    and align): rotate about the box centre so that the eyes are level, cut the box made square (its longer side
+    times `enlarge`), resize to size x size. video uint8 (T, H, W, 3) -> uint8 (T, size, size, 3)."""
+    T, H, W, _ = video.shape
+    x = torch.from_numpy(video).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    eyes = points[:, 1] - points[:, 0]  # right eye minus left eye, (T, 2)
+    angle = torch.atan2(eyes[:, 1], eyes[:, 0])  # the eye line's tilt
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values * enlarge / 2  # (T,)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output (u, v) in [-1, 1] -> input pixel centre + half * R(angle) (u, v), then to grid_sample's [-1, 1]
+    theta = torch.zeros(T, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = half * cos * 2 / W, -half * sin * 2 / W
+    theta[:, 1, 0], theta[:, 1, 1] = half * sin * 2 / H, half * cos * 2 / H
+    theta[:, 0, 2], theta[:, 1, 2] = centre[:, 0] * 2 / W - 1, centre[:, 1] * 2 / H - 1
+    grid = F.affine_grid(theta, (T, 3, size, size), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def detect_and_align(video, detector, size, frames="the clip", detect_side=640):
+    """Per frame MTCNN (on a copy at most detect_side pixels on its longer side), one smoothed face track, aligned
+    crops. -> crops uint8 (T, size, size, 3), boxes (T, 4), points (T, 5, 2) in the frame's pixels, missed frames."""
+    T, H, W, _ = video.shape
+    shrink = min(1.0, detect_side / max(H, W))
+    detections = []
+    for frame in video:
+        small = frame if shrink == 1 else F.interpolate(
+            torch.from_numpy(frame).permute(2, 0, 1)[None].float(), scale_factor=shrink, mode="area")[0] \
+            .permute(1, 2, 0).round().to(torch.uint8).numpy()
+        boxes, scores, points = detector(small)
+        detections.append((boxes / shrink, scores, points / shrink))
+    boxes, points, missed = face_track(detections, frames)
+    return align_faces(video, boxes, points, size), boxes, points, missed
 
 
 # ----------------------------------------------------------------------------- training on ground-truth points

@@ -65,7 +65,7 @@ def write_vfr(path, frames):
         container.mux(stream.encode(None))
 
 
-@pytest.mark.parametrize("name, write", [("v.mp4", data._write_video), ("v.avi", write_avi), ("v.mkv", write_avi),
+@pytest.mark.parametrize("name, write", [("v.mp4", data.write_video), ("v.avi", write_avi), ("v.mkv", write_avi),
                                          ("vfr.mp4", write_vfr)])
 def test_video_reader_decodes_only_what_is_needed_and_matches_full_decode(tmp_path, name, write):
     ramp = np.linspace(0, 40, 32)[None, :, None, None] + np.array([30, 50, 70])  # (1, 32, 1, 3) smooth colours
@@ -99,7 +99,7 @@ class CountingContainer:
             yield frame
 
 
-@pytest.mark.parametrize("name, write, decoded", [("v.mp4", data._write_video, 4), ("v.mkv", write_avi, 20)])
+@pytest.mark.parametrize("name, write, decoded", [("v.mp4", data.write_video, 4), ("v.mkv", write_avi, 20)])
 def test_video_reader_seeks_to_the_key_frame_before_the_window(tmp_path, monkeypatch, name, write, decoded):
     write(tmp_path / name, np.zeros((30, 16, 16, 3), np.uint8))
     opened, real_open = [], av.open
