@@ -465,9 +465,10 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_checkpoint(model: S2D, path_or_state_dict, verbose=True) -> LoadReport:
-    """Load ours, the released S2D (image or video stage) or an MAE / timm ViT-B/16 checkpoint into `model`."""
-    source = "<state dict>" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
+def load_checkpoint(model: S2D, path_or_state_dict, verbose=True, source=None) -> LoadReport:
+    """Load ours, the released S2D (image or video stage) or an MAE / timm ViT-B/16 checkpoint into `model`;
+    `source` names an already loaded checkpoint in the report."""
+    source = source or ("<state dict>" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict))
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else safe_load(path_or_state_dict)
     sd, naming, ignored = to_ours(_unwrap(obj, source))
     own = model.state_dict()

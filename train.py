@@ -109,6 +109,9 @@ add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stag
                    "ours or the released pretrain-AffectNet-7.pth (video stage). On a real dataset the default is "
                    f"{WEIGHTS['video']} (video stage) or {WEIGHTS['image']} (image stage); 'none' trains from "
                    "scratch, which must be asked for")
+add("--allow-other-classes", action="store_true",
+    help="fine-tune an --init video checkpoint trained on other classes (by default the run stops, naming both "
+         "lists); an image-stage --init of other classes always starts a fresh classifier")
 add("--allow-partial-init", action="store_true",
     help="start even when --init leaves some of the backbone unloaded (by default the run stops before its first "
          "step: the video stage needs every tensor it freezes, the image stage the whole ViT)")
@@ -421,7 +424,19 @@ model = build_model(args.model, len(classes), args.num_frames, image_model=image
                     landmark_channels=landmark_net.feature_width if landmark_net is not None else 128)
 scope = "image" if image_stage else ("video" if args.init else "all")
 if args.init and not args.resume:
-    report = load_checkpoint(model, args.init)
+    init = safe_load(args.init)
+    init_classes = init.get("classes") if isinstance(init, dict) else None  # recorded by train.py
+    if init_classes is not None and list(init_classes) != list(classes):
+        video_init = any(k.startswith(("tma.", "temporal_embed")) for k in init.get("model", {}))
+        if video_init and not args.allow_other_classes:  # a fine-tuned DFER model of other classes
+            sys.exit(f"train.py: --init {args.init} was trained on the classes {list(init_classes)}, but "
+                     f"--dataset {args.dataset} has {list(classes)}; --allow-other-classes fine-tunes it anyway "
+                     "(its classifier starts afresh)")
+        init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("head.")}}
+        log(f"--init {args.init}: its classes {list(init_classes)} are not --dataset {args.dataset}'s "
+            f"{list(classes)}, so its classifier is not loaded: the head starts afresh")
+    report = load_checkpoint(model, init, source=args.init)
+    del init
     # what this stage cannot start without: the video stage freezes everything but its set, so all of that must
     # come from the checkpoint; the image stage fine-tunes the ViT, which must come from it
     backbone = ("patch_embed.", "cls_token", "pos_embed", "blocks.")

@@ -458,3 +458,25 @@ def test_evaluate_two_gloo_ranks_equals_one(tmp_path, spawn_ranks):
     assert [p["index"] for p in ranks[0]["predictions"]] == [0, 1, 2]  # each clip exactly once
     got = torch.tensor([p["probs"] for p in ranks[0]["predictions"]])
     torch.testing.assert_close(got, torch.tensor([p["probs"] for p in single["predictions"]]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- an --init of other classes
+def test_an_init_of_other_classes_stops_or_starts_a_fresh_classifier(demo, tmp_path):
+    from model import build_model
+
+    other = ["calm", "joy", "grief", "shock", "dread", "scorn", "rage"]
+    video = build_model("s2d_tiny", 7, 2, landmark_channels=32).state_dict()
+    torch.save({"model": video, "classes": other}, tmp_path / "video.pt")
+    proc = train(demo, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "video.pt"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"train.py: --init {tmp_path / 'video.pt'} was trained on the classes {other}, but "
+                           "--dataset demo has [") and "--allow-other-classes" in line
+    allowed = train(demo, tmp_path / "allowed", "--epochs", "1", "--init", str(tmp_path / "video.pt"),
+                    "--allow-other-classes", "--stop-after-steps", "1")
+    assert "so its classifier is not loaded: the head starts afresh" in allowed.stdout
+    image = build_model("s2d_tiny", 7, 1, image_model=True, landmark_channels=32).state_dict()
+    torch.save({"model": image, "classes": other}, tmp_path / "image.pt")  # an image stage of other classes
+    fresh = train(demo, tmp_path / "fresh", "--epochs", "1", "--init", str(tmp_path / "image.pt"),
+                  "--stop-after-steps", "1")
+    assert "the head starts afresh" in fresh.stdout and "head.weight" in fresh.stdout  # reported as missing
