@@ -608,7 +608,8 @@ def train_demo_landmarks(root, out, preset="mobilefacenet_tiny", epochs=1, batch
 def bench(preset="mobilefacenet", frames=16, repeats=7, threads=1):
     """Median ms of the frozen landmark view's forward on one clip of `frames` frames at 112 px (the features, as
     S2D uses them): BatchNorm as layers in contiguous memory, the same in channels-last, and folded into the
-    convolutions in channels-last (what LandmarkFeatures runs). Prints the table and the largest difference."""
+    convolutions in channels-last (what LandmarkFeatures runs). Prints the table and the largest difference;
+    returns {way: ms}."""
     torch.set_num_threads(threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untrained detector's warning: speed does not depend on the weights
@@ -645,6 +646,7 @@ def bench(preset="mobilefacenet", frames=16, repeats=7, threads=1):
         print(f"  {name:<52} {ms:8.2f} ms  {base / ms:5.2f}x")
     ref = outs["BatchNorm layers, contiguous"]
     print(f"  largest difference from BatchNorm layers: {max((o - ref).abs().max().item() for o in outs.values()):.2e}")
+    return times
 
 
 def main(argv=None):
@@ -664,7 +666,8 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     args = parser.parse_args(argv)
     if args.bench:
-        return bench()
+        bench()
+        return 0
     if args.train:
         return train_demo_landmarks(args.data_root, args.out, args.preset, args.epochs, seed=args.seed)
     if not args.video:

@@ -188,9 +188,9 @@ def lambda_at(epoch_float, schedule="linear", start_epoch=0, ramp_epochs=0, tota
 
 def bench(batches=(64, 512), num_classes=7, dim=768, queue_size=16, repeats=7, steps=200):
     """Median ms of one SDL step, soft labels (Eq. 16-18) and the loss (Eq. 19-21) forward and backward, on full
-    queues, one thread."""
+    queues, one thread; printed, and returned as {batch: ms}."""
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
+    gen, result = torch.Generator().manual_seed(0), {}
     for B in batches:
         anchors = EmotionAnchors(num_classes, dim, queue_size, init="random")
         features, labels = torch.randn(B, dim, generator=gen), torch.randint(0, num_classes, (B,), generator=gen)
@@ -208,8 +208,10 @@ def bench(batches=(64, 512), num_classes=7, dim=768, queue_size=16, repeats=7, s
             for _ in range(steps):
                 step()
             times.append(1000 * (time.perf_counter() - t0) / steps)
+        result[B] = sorted(times)[repeats // 2]
         print(f"SDL step, batch {B}, {num_classes} classes, {dim}-d features, queue {queue_size}, 1 thread: "
-              f"{sorted(times)[repeats // 2]:.3f} ms (median of {repeats} x {steps} steps)")
+              f"{result[B]:.3f} ms (median of {repeats} x {steps} steps)")
+    return result
 
 
 if __name__ == "__main__":
