@@ -191,6 +191,18 @@ def test_read_frames_and_cli(tmp_path, capsys):
     assert "features (1, 1, 128, 14, 14), points (1, 1, 68, 2)" in capsys.readouterr().out
 
 
+def test_cli_reads_every_frame_of_a_video(tmp_path, capsys):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    data.write_video(tmp_path / "clip.mp4", frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        landmarks.main(["--video", str(tmp_path / "clip.mp4")])
+    out = capsys.readouterr().out
+    assert "frames (1, 3, 5, 48, 48) -> features (1, 5, 128, 14, 14)" in out
+    per_frame = [line.split(":")[0] for line in out.splitlines() if line.startswith("frame ")]
+    assert per_frame == [f"frame {t}" for t in range(5)]
+
+
 def test_training_on_ground_truth_points_lowers_the_nme():
     # 96 frames whose 68 points are a fixed face shifted with a bright square (64 to train): the net must follow it
     gen = torch.Generator().manual_seed(0)
