@@ -319,6 +319,10 @@ def parse_args(argv=None):
         p.error("give --dataset (its test split, under --data-root), or --video (one clip)")
     if args.dataset and not args.data_root:
         args.data_root = data.DEFAULT_ROOTS[args.dataset]
+    if (args.detector or args.annotate) and not args.video:
+        p.error("--detector and --annotate belong to --video (one clip of your own)")
+    if args.annotate and not args.detector:
+        p.error("--annotate draws the detected face: give --detector too")
     if args.out:  # found before the evaluation, not after it
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
@@ -528,8 +532,6 @@ def predict_video(args, device):
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
         print(f"  {name:<16} {p:.4f}")
     if args.annotate:
-        if not args.detector:
-            raise ValueError("--annotate draws the detected face: give --detector too")
         best = int(np.argmax(probs))
         text = names[best][:2].upper() if all(c in _GLYPHS for c in names[best][:2].upper()) else str(best)
         annotate(args.annotate, video, boxes, points, f"{text} {round(100 * probs[best])}")

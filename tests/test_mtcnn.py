@@ -163,3 +163,9 @@ def test_public_weights_load_by_name_and_find_the_face(tmp_path):
     eyes, mouth = points[0, :2], points[0, 3:]
     assert (eyes[:, 1] < points[0, 2, 1]).all() and (mouth[:, 1] > points[0, 2, 1]).all()  # eyes above the nose
     assert eyes[0, 0] < eyes[1, 0] and mouth[0, 0] < mouth[1, 0]  # left before right
+
+
+def test_annotate_without_a_detector_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        eval_main(["--checkpoint", str(tmp_path / "none.pth"), "--video", "x.mp4", "--annotate", "y.mp4"])
+    assert stop.value.code == 2 and "--annotate draws the detected face: give --detector too" in capsys.readouterr().err
