@@ -1,12 +1,14 @@
 """CPU figures in one table: data loading with 0, 1 and 2 worker processes, the SDL step, the landmark view's
 forward, and one training step of the demo's video stage broken down by phase.
 
-    python kernels/bench_cpu.py            # about 2 minutes on 2 cores
+    python kernels/bench_cpu.py            # under a minute on 2 cores
 Loading: ClipDataset in train mode (full augmentation) on generated 16-frame 224 px JPEG frame folders, through a
-DataLoader (batch 1); per process = clips per wall-clock second, per core = clips per CPU second of the process and
-its workers together. Each figure is the median of --repeats passes; times vary by 10-20 % on a shared machine.
+DataLoader (batch 1, persistent workers after an untimed warm-up pass); per process = clips per wall-clock second,
+per core = clips per CPU second of the process and its workers together (Linux: the workers' /proc times).
+Each figure is the median of --repeats passes; times vary by 10-20 % on a shared machine.
 """
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -26,26 +28,35 @@ import loss  # noqa: E402
 from model import build_model, set_trainable  # noqa: E402
 
 
-def cpu_seconds():
-    """CPU seconds of this process and of its finished (joined) children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def cpu_seconds(pids=()):
+    """CPU seconds of this process and of the live processes `pids` (Linux /proc: utime + stime)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def loader_rows(root, samples, workers, repeats):
+    """Steady-state loading: persistent workers, started and warmed up by one untimed pass, so that a worker's
+    start (a process that imports torch) is not counted; CPU time is the main process's plus every worker's."""
     ds = data.ClipDataset(samples, root, "train", num_frames=16, image_size=224, augment=True)
     rows = []
     for w in workers:
+        loader = DataLoader(ds, batch_size=1, num_workers=w, shuffle=False, persistent_workers=w > 0)
+        for _ in loader:  # the untimed warm-up pass
+            pass
+        pids = [p.pid for p in loader._iterator._workers] if w else []
         wall, core = [], []
         for repeat in range(repeats):
-            ds.set_epoch(repeat)
-            loader = DataLoader(ds, batch_size=1, num_workers=w, shuffle=False)
-            t0, c0 = time.perf_counter(), cpu_seconds()
+            ds.set_epoch(repeat + 1)
+            t0, c0 = time.perf_counter(), cpu_seconds(pids)
             for _ in loader:
                 pass
-            del loader  # joins the workers, so their CPU time is counted
             wall.append(len(ds) / (time.perf_counter() - t0))
-            core.append(len(ds) / (cpu_seconds() - c0))
+            core.append(len(ds) / (cpu_seconds(pids) - c0))
+        del loader
         rows.append((f"loading, {w} worker(s): clips/s per process / per core",
                      f"{statistics.median(wall):.1f} / {statistics.median(core):.1f}"))
     return rows
