@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 import data
 import landmarks
 from data import CLASSES, ClipDataset, Sample, dataset_files, read_split
-from landmarks import LandmarkFeatures
 from model import S2D, S2DConfig, config_from_state_dict, load_checkpoint, safe_load
 
 
@@ -261,7 +260,7 @@ def demo_pictures(video_run, landmark_weights, root):
     """The demo's three pictures in video_run: landmarks.png, gate.png, confusion.png; returns their paths."""
     video_run, root = Path(video_run), Path(root)
     model, _ = load_model(video_run / "best.pt", "cpu", show=lambda *_: None)
-    lm = LandmarkFeatures(landmark_weights)
+    lm = landmarks.LandmarkFeatures(landmark_weights)
     sample = next(s for s in read_split("demo", root / "test.csv") if s.label == CLASSES["demo"].index("Happy"))
     frames = data.load_clip(sample, root)  # (T, S, S, 3) uint8
     truth = data.demo_points(root, sample)  # (T, 68, 2) pixels
@@ -414,7 +413,7 @@ def landmark_view(args, ckpt, model, device, show=print):
     weights = args.landmark_weights or recorded(ckpt, "landmark_weights")
     if weights and not args.landmark_weights:
         show(f"landmark view: {weights} (recorded in the checkpoint)")
-    net = LandmarkFeatures(weights, recorded(ckpt, "landmark_preset", "mobilefacenet")).to(device)
+    net = landmarks.LandmarkFeatures(weights, recorded(ckpt, "landmark_preset", "mobilefacenet")).to(device)
     if net.feature_width != model.cfg.landmark_channels:
         raise SystemExit(f"eval.py: the landmark net {weights} gives {net.feature_width} channels, the model expects "
                          f"{model.cfg.landmark_channels}; pass the --landmark-weights it was trained with")

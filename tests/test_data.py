@@ -16,12 +16,12 @@ def write(path, text):
 
 
 def write_image(path, image, codec="mjpeg"):
-    """A JPEG (mjpeg) or PNG file of uint8 (H, W, 3) or grey (H, W)."""
-    grey = image.ndim == 2
-    frame = av.VideoFrame.from_ndarray(image, format="gray" if grey else "rgb24")
+    """A JPEG (mjpeg) or PNG file of uint8 (H, W, 3), grey (H, W) or, as PNG, RGBA (H, W, 4)."""
+    fmt = "gray" if image.ndim == 2 else {3: "rgb24", 4: "rgba"}[image.shape[2]]
+    frame = av.VideoFrame.from_ndarray(image, format=fmt)
     ctx = av.CodecContext.create(codec, "w")
     ctx.width, ctx.height = image.shape[1], image.shape[0]
-    ctx.pix_fmt = ("gray" if grey else "rgb24") if codec == "png" else ("yuvj444p" if not grey else "gray")
+    ctx.pix_fmt = fmt if codec == "png" else ("gray" if fmt == "gray" else "yuvj444p")
     packets = ctx.encode(frame.reformat(format=ctx.pix_fmt)) + ctx.encode(None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(bytes(p) for p in packets))

@@ -28,6 +28,7 @@ import torch
 import data
 from eval import evaluate
 from model import safe_load
+from test_data import write_image
 from test_eval import _eval_worker, eval_dataset, make_frames_dataset, tiny_model
 from test_train import ENV, ROOT, TINY, TRAIN, assert_same_tensors, train
 
@@ -334,17 +335,6 @@ def test_an_unwritable_out_is_refused_before_any_work(demo, tmp_path):
 
 
 # ----------------------------------------------------------------------------- frames as users have them
-def write_png(path, image):
-    """A PNG of uint8 (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, written by FFmpeg's encoder."""
-    import av
-
-    fmt = "gray" if image.ndim == 2 else {3: "rgb24", 4: "rgba"}[image.shape[2]]
-    ctx = av.CodecContext.create("png", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = image.shape[1], image.shape[0], fmt
-    packets = ctx.encode(av.VideoFrame.from_ndarray(image, format=fmt)) + ctx.encode(None)
-    path.write_bytes(b"".join(bytes(p) for p in packets))
-
-
 def test_grey_rgba_and_one_frame_clips_read_right_and_train(demo, tmp_path):
     root = _copy_demo(demo, tmp_path / "demo")
     folders = [s.path for s in data.read_split("demo", root / "train.csv") if not s.path.endswith(".mp4")]
@@ -356,7 +346,7 @@ def test_grey_rgba_and_one_frame_clips_read_right_and_train(demo, tmp_path):
             image = rgb.mean(-1).round().astype(np.uint8) if kind == "grey" else np.dstack(
                 [rgb, np.full(rgb.shape[:2], 77, np.uint8)])  # a constant, non-opaque alpha
             originals[(clip, jpg.stem)] = image
-            write_png(jpg.with_suffix(".png"), image)
+            write_image(jpg.with_suffix(".png"), image, "png")
             jpg.unlink()
     frames = data.list_frames(root / one_frame)
     for extra in frames[1:]:
@@ -403,7 +393,7 @@ def test_code_carrying_checkpoint_is_refused_and_never_run(demo, tmp_path):
 ])
 def test_each_script_ends_a_user_error_in_one_line(tmp_path, script, args, names):
     (tmp_path / "empty.pt").write_bytes(b"")
-    write_png(tmp_path / "face.png", np.full((112, 112, 3), 128, np.uint8))
+    write_image(tmp_path / "face.png", np.full((112, 112, 3), 128, np.uint8), "png")
     args = [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, timeout=300)

@@ -17,7 +17,6 @@ import torch
 import data
 import landmarks
 from model import build_model
-from test_faults import write_png
 from test_data import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ def frames(folder, kind, seed, n=3, size=32):
     for k in range(1, n + 1):
         image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         if kind == "png":
-            write_png(folder / f"{k:05d}.png", image)
+            write_image(folder / f"{k:05d}.png", image, "png")
         else:
             write_image(folder / f"{k:05d}.jpg", image)
 
