@@ -274,12 +274,7 @@ def test_demo_is_the_same_bytes_for_the_same_seed(demo, tmp_path):
     files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) and len(files) > 14
     differ = [f for f in files if (demo / f).read_bytes() != (again / f).read_bytes()]
-    # libx264 at 112 px does not always write the same bytes in another process; everything else is byte-identical,
-    # and the H.264 clips decode to nearly the same frames
-    assert all(f.suffix == ".mp4" for f in differ), differ
-    for f in differ:
-        a, b = (data.load_clip(data.Sample(str(f), 0), root).astype(int) for root in (demo, again))
-        assert a.shape == b.shape and np.abs(a - b).mean() < 2, f
+    assert differ == [], differ  # H.264 clips too: x264 runs on one thread without B-frames (data.write_video)
 
 
 def test_demo_feeds_the_model_shapes(demo):
