@@ -10,6 +10,7 @@ Shapes: B clips, T frames (B*T frames in all), N = 196 patch tokens (a 14 x 14 g
 width, K = 8 MCP channels, d the TMA bottleneck width.
 """
 import argparse
+import functools
 import math
 import os
 import pickle
@@ -277,9 +278,15 @@ class TMA(nn.Module):
         return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
 
 
-def build_model(name, num_classes, num_frames, image_model=False, **overrides) -> S2D:
+def build_model(name, num_classes, num_frames, image_model=False, **overrides):
+    """An S2D preset (the image model with image_model=True), or an S4D one (S4D's classifier: video head of
+    num_classes, image head of 7; S4DPretrain, its masked autoencoder, with pretrain=True)."""
+    if name in S4D_PRESETS:
+        pretrain = overrides.pop("pretrain", False)
+        cfg = S4DConfig(**{**S4D_PRESETS[name], "num_classes": num_classes, "num_frames": num_frames, **overrides})
+        return S4DPretrain(cfg) if pretrain else S4D(cfg)
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; presets: {sorted(PRESETS)}")
+        raise ValueError(f"unknown model {name!r}; presets: {sorted(PRESETS) + sorted(S4D_PRESETS)}")
     frames = 1 if image_model else num_frames
     cfg = S2DConfig(**{**PRESETS[name], "num_classes": num_classes, "num_frames": frames, "video": not image_model,
                        **overrides})
@@ -297,6 +304,8 @@ def set_trainable(model: S2D, stage: str):
         raise ValueError(f"stage must be 'video', 'image' or 'all', got {stage!r}")
     for name, p in model.named_parameters():
         p.requires_grad_(stage != "video" or name.startswith(VIDEO_STAGE))
+        if isinstance(model, (S4D, S4DPretrain)):  # S4D trains everything, but an unused noise linear
+            p.requires_grad_(model.cfg.router_noise or ".moae.noise." not in name)
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -395,14 +404,14 @@ def from_released(state_dict):
 
 def _unwrap(obj, source):
     if isinstance(obj, dict):
-        for key in ("model", "model_state_dict", "state_dict"):
+        for key in ("model", "module", "model_state_dict", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 return obj[key]
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"{source}: no state dict found (looked for keys 'model', 'model_state_dict', 'state_dict' "
-                     f"or a flat name -> tensor dict); found {found}")
+    raise ValueError(f"{source}: no state dict found (looked for keys 'model', 'module', 'model_state_dict', "
+                     f"'state_dict' or a flat name -> tensor dict); found {found}")
 
 
 def _naming(sd):
@@ -465,12 +474,16 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_checkpoint(model: S2D, path_or_state_dict, verbose=True, source=None) -> LoadReport:
-    """Load ours, the released S2D (image or video stage) or an MAE / timm ViT-B/16 checkpoint into `model`;
-    `source` names an already loaded checkpoint in the report."""
+def load_checkpoint(model, path_or_state_dict, verbose=True, source=None) -> LoadReport:
+    """Load ours, the released S2D (image or video stage) or an MAE / timm ViT-B/16 checkpoint into an S2D model,
+    or ours or the released S4D ones (pre-trained MAE, fine-tuned) into an S4D one; `source` names an already
+    loaded checkpoint in the report."""
     source = source or ("<state dict>" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict))
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else safe_load(path_or_state_dict)
-    sd, naming, ignored = to_ours(_unwrap(obj, source))
+    if isinstance(model, (S4D, S4DPretrain)):
+        sd, naming, ignored = s4d_to_ours(_unwrap(obj, source), pretrain=isinstance(model, S4DPretrain))
+    else:
+        sd, naming, ignored = to_ours(_unwrap(obj, source))
     own = model.state_dict()
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = _resize_pos_embed(sd["pos_embed"], own["pos_embed"].shape[1])
@@ -512,6 +525,396 @@ def config_from_state_dict(sd) -> S2DConfig:
     return S2DConfig(**{k: v for k, v in cfg.items() if k in names})
 
 
+# ============================================================================= S4D, the follow-up
+# Chen, Li, Zhang, Hu, Shan, Wang, Hong, "Static for Dynamic: Towards a Deeper Understanding of Dynamic Facial
+# Expressions Using Static Expression Data" (README, S4D). A plain VideoMAE-style ViT-B: no MCP, no landmark view,
+# no TMA. Tokens are tubelets (2 frames x 16 x 16 pixels); an image is one tubelet (its frame twice). A Mixture of
+# Adapter Experts (MoAE) beside the FFN of the last six blocks lets images and videos route their tokens apart.
+# Shapes: B clips or images, T frames, N tokens (T/2 x g x g; 800 for 16 frames at 160 px, 100 for an image),
+# C channels, M = B*N tokens of a batch, E experts, k = 2 experts per token.
+@dataclass
+class S4DConfig:
+    img_size: int = 160
+    patch_size: int = 16
+    tubelet: int = 2  # frames per token
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    num_frames: int = 16
+    num_classes: int = 7  # the video head: the DFER dataset's classes
+    image_classes: int = 7  # the image head: AffectNet-7
+    moae_from: int = 6  # blocks moae_from .. depth-1 carry a MoAE; depth: none (the pre-training encoder)
+    experts: int = 8
+    expert_dim: int = 192  # each expert: C -> 192 -> C
+    top_k: int = 2
+    # the release's router in training: noisy logits and a per-expert capacity of int(M * capacity / E) tokens.
+    # Never in eval(): there a token's experts depend on that token alone (README, S4D)
+    router_noise: bool = True
+    capacity: float = 2.0  # 0: no capacity limit in training either
+    balance_weight: float = 1e-3  # the MoAE balance loss, summed over the MoAE blocks
+    head_dropout: float = 0.0
+    decoder_width: int = 384  # the MAE decoder of pre-training: 4 blocks of width 384, 6 heads
+    decoder_depth: int = 4
+    decoder_heads: int = 6
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.num_frames % self.tubelet:
+            raise ValueError(f"num_frames {self.num_frames} is not a multiple of the tubelet {self.tubelet}")
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and experts {self.experts}")
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def tokens(self):  # tokens of a clip of num_frames frames
+        return self.num_frames // self.tubelet * self.grid**2
+
+
+S4D_PRESETS = {
+    "s4d_base": dict(img_size=160, patch_size=16, width=768, depth=12, heads=12, moae_from=6, expert_dim=192),
+    # CPU demos and tests: the demo's 112 px faces in 7 x 7 patches, MoAE in the last 2 of 4 blocks
+    "s4d_tiny": dict(img_size=112, patch_size=16, width=96, depth=4, heads=3, moae_from=2, expert_dim=24,
+                     decoder_width=48, decoder_depth=2, decoder_heads=2),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def sinusoid_table(positions, width):
+    """(1, positions, width), fixed: position n, channel j -> sin (j even) or cos (j odd) of n / 10000^(2(j//2)/C),
+    over the flattened (t, h, w) token index, as VideoMAE. Not a parameter and not a buffer: computed once."""
+    n = torch.arange(positions, dtype=torch.float64)[:, None]
+    j = torch.arange(width, dtype=torch.float64)[None]
+    angle = n / 10000 ** (2 * (j // 2) / width)  # (positions, width)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()[None]
+
+
+class TubeletEmbed(nn.Module):
+    """(B, 3, T, S, S) -> (B, N, C): a Conv3d with kernel = stride = (tubelet, p, p); tokens in (t, h, w) order."""
+
+    def __init__(self, width, patch_size, tubelet):
+        super().__init__()
+        self.proj = nn.Conv3d(3, width, (tubelet, patch_size, patch_size), stride=(tubelet, patch_size, patch_size))
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class QVBiasAttention(nn.Module):
+    """Multi-head self-attention whose qkv projection has learned q and v biases and no k bias (VideoMAE)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (B, N, C)
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3C,): no k bias
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class MoAE(nn.Module):
+    """Mixture of Adapter Experts: per token, a router picks the top-k of E bottleneck experts (C -> d -> C, GELU)
+    and mixes their outputs with a softmax over the k kept logits. forward(h (B, N, C)) -> (B, N, C); the balance
+    loss of the last call is left in self.balance (a scalar that carries gradient)."""
+
+    def __init__(self, width, experts, dim, top_k, noise=True, capacity=2.0):
+        super().__init__()
+        self.top_k, self.noise_on, self.capacity = top_k, noise, capacity
+        self.router = nn.Linear(width, experts)  # routing logits
+        self.noise = nn.Linear(width, experts)  # the release's learned noise scale (training only)
+        self.experts = nn.ModuleList(MLP(width, dim) for _ in range(experts))
+        self.balance = None
+
+    def route(self, tokens):
+        """tokens (M, C) -> logits (M, E), chosen experts (M, k), their weights (M, k)."""
+        logits = self.router(tokens)  # (M, E)
+        if self.training and self.noise_on:  # noisy top-k gating: logits + N(0, 1) * softplus(W_noise h)
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(tokens))
+        top, chosen = logits.topk(self.top_k, dim=-1)  # (M, k): the k largest logits, the rest are -inf ...
+        return logits, chosen, torch.softmax(top, dim=-1)  # ... so the softmax runs over the kept k only
+
+    def forward(self, h):
+        B, N, C = h.shape
+        tokens = h.reshape(B * N, C)  # (M, C)
+        logits, chosen, weight = self.route(tokens)
+        out = torch.zeros_like(tokens)
+        limit = int(B * N * self.capacity / len(self.experts)) if self.training and self.capacity > 0 else None
+        for e, expert in enumerate(self.experts):  # dispatch: gather each expert's tokens, run it, scatter back
+            token, slot = torch.nonzero(chosen == e, as_tuple=True)  # in token order
+            if limit is not None:
+                token, slot = token[:limit], slot[:limit]  # the release: tokens past capacity get nothing from e
+            if len(token):
+                out.index_add_(0, token, weight[token, slot, None] * expert(tokens[token]))
+        self.balance = balance_loss(logits, chosen)
+        return out.reshape(B, N, C)
+
+
+def balance_loss(logits, chosen):
+    """Switch-Transformer balance loss with router probabilities: E * sum_e f_e P_e, where f_e is the fraction of
+    the M tokens routed to expert e (each token goes to k experts, so sum_e f_e = k) and P_e the mean router
+    probability of e. k for perfectly uniform routing, and never less when every token routes alike.
+    (The release multiplies f_e by the mean raw logit instead of the probability.)"""
+    E = logits.shape[-1]
+    routed = F.one_hot(chosen, E).sum(1).to(logits.dtype)  # (M, E), 1 where a token went to e
+    return E * (routed.mean(0) * torch.softmax(logits, dim=-1).mean(0)).sum()
+
+
+class S4DBlock(nn.Module):
+    """Pre-norm block; with a MoAE beside the FFN, on the same LayerNorm output: x + FFN(h) + MoAE(h)."""
+
+    def __init__(self, width, heads, mlp_ratio, moae=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = QVBiasAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.moae = moae
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.mlp(h) + (self.moae(h) if self.moae is not None else 0)
+
+
+class S4D(nn.Module):
+    """forward(x, landmarks=None) -> logits, features. x (B, 3, T, S, S) is a video batch (video head);
+    x (B, 3, S, S) an image batch (image head), which enters as one tubelet: its frame repeated tubelet times, at
+    the first tubelet's positions. After a forward, self.balance_loss is the MoAE balance loss, weighted."""
+
+    def __init__(self, cfg: S4DConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.width
+
+        def moae():
+            return MoAE(C, cfg.experts, cfg.expert_dim, cfg.top_k, cfg.router_noise, cfg.capacity)
+        self.patch_embed = TubeletEmbed(C, cfg.patch_size, cfg.tubelet)
+        self.blocks = nn.ModuleList(S4DBlock(C, cfg.heads, cfg.mlp_ratio, moae() if i >= cfg.moae_from else None)
+                                    for i in range(cfg.depth))
+        self.fc_norm = nn.LayerNorm(C, eps=1e-6)  # after mean pooling; there is no CLS token
+        self.head_drop = nn.Dropout(cfg.head_dropout)
+        self.head = nn.ModuleDict({"image": nn.Linear(C, cfg.image_classes), "video": nn.Linear(C, cfg.num_classes)})
+        self.balance_loss = None
+        init_vit(self)
+
+    def forward(self, x, landmarks=None):
+        if landmarks is not None:
+            raise ValueError("S4D has no landmark view; pass landmarks=None")
+        x, kind = tubelet_tokens(self.cfg, self.patch_embed, x)
+        for block in self.blocks:
+            x = block(x)
+        balances = [b.moae.balance for b in self.blocks if b.moae is not None]
+        self.balance_loss = self.cfg.balance_weight * sum(balances) if balances else x.new_zeros(())
+        features = self.fc_norm(x.mean(dim=1))  # mean over all tokens, (B, C)
+        return self.head[kind](self.head_drop(features)), features
+
+
+def tubelet_tokens(cfg, patch_embed, x):
+    """Tokens with positions: video (B, 3, T, S, S) or image (B, 3, S, S) -> (B, N, C), and 'video' | 'image'."""
+    S, given = cfg.img_size, tuple(x.shape)
+    kind = {4: "image", 5: "video"}.get(x.dim())
+    if kind == "image":
+        x = x[:, :, None].expand(-1, -1, cfg.tubelet, -1, -1)  # (B, 3, tubelet, S, S)
+    want = (3, cfg.tubelet if kind == "image" else cfg.num_frames, S, S)
+    if kind is None or tuple(x.shape[1:]) != want:
+        raise ValueError(f"S4D input: expected a video (B, 3, {cfg.num_frames}, {S}, {S}) or an image batch "
+                         f"(B, 3, {S}, {S}), got {given}")
+    tokens = patch_embed(x)  # (B, N, C); an image: N = g*g, the first tubelet's rows of the table
+    return tokens + sinusoid_table(cfg.tokens, cfg.width)[:, :tokens.shape[1]].to(tokens), kind
+
+
+def init_vit(model):
+    """Linear weights truncated normal (std 0.02), biases 0, LayerNorms 1 / 0, the patch projection as a linear
+    layer (xavier-uniform on its flattened kernel), as VideoMAE; the experts start so too."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv3d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
+def parameter_parts(model):
+    """Parameter counts per part of an S4D model: patch embedding, blocks (without MoAE), experts, routers,
+    fc_norm, heads (each)."""
+    parts = Counter()
+    for name, p in model.named_parameters():
+        if ".moae.experts." in name:
+            part = "experts"
+        elif ".moae." in name:
+            part = "routers"
+        elif name.startswith("head."):
+            part = "head " + name.split(".")[1]
+        else:
+            part = name.split(".")[0].replace("patch_embed", "patch embedding").replace("blocks", "blocks without MoAE")
+        parts[part] += p.numel()
+    return dict(parts)
+
+
+def layer_scale(name, depth, decay):
+    """Layer-wise lr decay: the patch embedding is layer 0, block i layer i + 1 (its MoAE too), the rest (fc_norm,
+    heads) layer depth + 1; the scale is decay ** (depth + 1 - layer)."""
+    if name.startswith("patch_embed."):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    else:
+        layer = depth + 1
+    return decay ** (depth + 1 - layer)
+
+
+# ----------------------------------------------------------------------------- S4D's dual-modal MAE pre-training
+class MAEEncoder(nn.Module):
+    """The pre-training encoder: tubelet embedding, plain blocks (no MoAE), a final LayerNorm."""
+
+    def __init__(self, cfg: S4DConfig):
+        super().__init__()
+        self.patch_embed = TubeletEmbed(cfg.width, cfg.patch_size, cfg.tubelet)
+        self.blocks = nn.ModuleList(S4DBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+
+class MAEDecoder(nn.Module):
+    def __init__(self, width, depth, heads, out):
+        super().__init__()
+        self.blocks = nn.ModuleList(S4DBlock(width, heads, 4.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, out)  # to the pixels of one tubelet patch, tubelet * p * p * 3
+
+
+class S4DPretrain(nn.Module):
+    """Dual-modal masked autoencoder: forward(x, mask) -> the predicted pixels of the masked tokens
+    (B, masked, tubelet*p*p*3). x is a video (B, 3, T, S, S) or an image batch (B, 3, S, S); mask (B, N) bool, True
+    where a token is hidden, the same count in every row. The encoder sees the visible tokens only; the decoder
+    sees them and a shared mask token, each at its own position (sin-cos tables of both widths)."""
+
+    def __init__(self, cfg: S4DConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MAEEncoder(cfg)
+        self.encoder_to_decoder = nn.Linear(cfg.width, cfg.decoder_width, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
+        patch = cfg.tubelet * cfg.patch_size**2 * 3
+        self.decoder = MAEDecoder(cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads, patch)
+        init_vit(self)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, x, mask):
+        tokens, _ = tubelet_tokens(self.cfg, self.encoder.patch_embed, x)  # (B, N, C) with positions
+        B, N, C = tokens.shape
+        if mask.shape != (B, N) or mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected a bool tensor of shape {(B, N)}, got {mask.dtype} {tuple(mask.shape)}")
+        hidden = int(mask[0].sum())
+        if not (mask.sum(1) == hidden).all():
+            raise ValueError("mask: every row must hide the same number of tokens")
+        z = tokens[~mask].reshape(B, N - hidden, C)  # the visible tokens, in order
+        for block in self.encoder.blocks:
+            z = block(z)
+        z = self.encoder_to_decoder(self.encoder.norm(z))  # (B, visible, Cd)
+        Cd = z.shape[-1]
+        pos = sinusoid_table(self.cfg.tokens, Cd)[:, :N].to(z).expand(B, -1, -1)  # (B, N, Cd)
+        full = torch.cat([z + pos[~mask].reshape(B, -1, Cd),  # the visible tokens first, then the hidden ones
+                          self.mask_token.expand(B, hidden, -1) + pos[mask].reshape(B, hidden, Cd)], dim=1)
+        for block in self.decoder.blocks:  # no positional bias inside: the order of the tokens does not matter
+            full = block(full)
+        return self.decoder.head(self.decoder.norm(full[:, -hidden:]))  # (B, hidden, tubelet*p*p*3)
+
+
+def random_mask(batch, tokens, ratio, generator=None):
+    """(batch, tokens) bool, True = hidden: round(ratio * tokens) tokens per row, chosen uniformly at random
+    (random masking, not tube masking; an image's one tubelet covers both of its repeated frames)."""
+    hidden = round(ratio * tokens)
+    rank = torch.rand(batch, tokens, generator=generator).argsort(dim=1)  # a random order of the tokens per row
+    return rank < hidden
+
+
+def patchify(x, patch_size, tubelet):
+    """Video (B, 3, T, S, S) or image (B, 3, S, S, repeated to tubelet frames) -> (B, N, tubelet*p*p, 3): each
+    token's pixels, tokens in (t, h, w) order and pixels in (t, y, x) order within a token."""
+    if x.dim() == 4:
+        x = x[:, :, None].expand(-1, -1, tubelet, -1, -1)
+    B, _, T, S, _ = x.shape
+    g, p = S // patch_size, patch_size
+    x = x.reshape(B, 3, T // tubelet, tubelet, g, p, g, p)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, T // tubelet * g * g, tubelet * p * p, 3)
+
+
+def mae_target(x, patch_size, tubelet):
+    """The reconstruction target (B, N, tubelet*p*p*3): each token's pixels normalised by the mean and standard
+    deviation of that token, per colour channel (so the data's own per-channel normalisation does not matter)."""
+    pixels = patchify(x.float(), patch_size, tubelet)  # (B, N, P, 3)
+    mean, std = pixels.mean(dim=2, keepdim=True), pixels.std(dim=2, keepdim=True)
+    return ((pixels - mean) / (std + 1e-6)).flatten(2)
+
+
+def mae_loss(pred, target, mask):
+    """Mean squared error over the hidden tokens only: pred (B, hidden, P), target (B, N, P), mask (B, N)."""
+    B = pred.shape[0]
+    return F.mse_loss(pred, target[mask].reshape(B, -1, target.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- S4D checkpoints
+_S4D_RELEASED = [(".moe_layer.router.topkroute_linear.", ".moae.router."),
+                 (".moe_layer.router.noise_linear.", ".moae.noise."), (".moe_layer.experts.", ".moae.experts.")]
+
+
+def s4d_to_ours(sd, pretrain):
+    """The release's S4D names (fine-tuned, or the pre-trained MAE) or ours -> ours, for an S4D model
+    (pretrain False) or an S4DPretrain one; plus the keys ignored on purpose, with the reason."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    for old, new in _S4D_RELEASED:
+        sd = {k.replace(old, new): v for k, v in sd.items()}
+    released = any(k.startswith("encoder.blocks.") for k in sd)
+    ignored = {}
+    if not pretrain and released:  # an MAE checkpoint into the classifier: the encoder only
+        why = {"encoder.norm.": "the pre-training encoder's final norm (mean pooling uses a fresh fc_norm)",
+               "decoder.": "the MAE decoder", "encoder_to_decoder.": "the MAE decoder", "mask_token": "the MAE decoder"}
+        for k in list(sd):
+            reason = next((r for prefix, r in why.items() if k.startswith(prefix)), None)
+            if reason:
+                ignored[k] = reason
+                del sd[k]
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items()}
+    naming = "S4D pre-training (MAE)" if released else "S4D"
+    return sd, naming, ignored
+
+
+def s4d_config_from_state_dict(sd, recorded=None) -> S4DConfig:
+    """The S4D architecture of a state dict (ours or the release's); `recorded` (a config train.py saved) fills
+    in what the tensors cannot say (input size, frames), else the preset of the same width and depth does."""
+    sd, _, _ = s4d_to_ours(sd, pretrain=False)
+    C, _, t, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = len(_block_ids(sd))
+    moae = sorted({int(k.split(".")[1]) for k in sd if ".moae." in k})
+    cfg = dict(width=C, tubelet=t, patch_size=p, depth=depth, moae_from=moae[0] if moae else depth)
+    if moae:
+        cfg["experts"] = len({k.split(".")[4] for k in sd if f"blocks.{moae[0]}.moae.experts." in k})
+        cfg["expert_dim"] = sd[f"blocks.{moae[0]}.moae.experts.0.fc1.weight"].shape[0]
+    for head, field in (("video", "num_classes"), ("image", "image_classes")):
+        if f"head.{head}.weight" in sd:
+            cfg[field] = sd[f"head.{head}.weight"].shape[0]
+    preset = next((p for p in S4D_PRESETS.values() if p["width"] == C and p["depth"] == depth), {})
+    names = {f.name for f in fields(S4DConfig)}
+    base = {k: v for k, v in {**preset, **(recorded or {})}.items() if k in names}
+    return S4DConfig(**{**base, **cfg, "heads": base.get("heads", max(1, C // 64))})
+
+
 # ----------------------------------------------------------------------------- the optional speed path: fused kernels
 def use_triton(kernels, x):
     """The fused Triton kernels run when asked for ("triton"), or by default ("auto") on CUDA tensors."""
@@ -544,11 +947,28 @@ if __name__ == "__main__":
     import statistics
     import time
 
-    ap = argparse.ArgumentParser(description="Run an S2D video model (video-stage trainable set) on one random clip.")
-    ap.add_argument("--model", default="s2d_tiny", choices=sorted(PRESETS), help="preset")
+    ap = argparse.ArgumentParser(description="Run an S2D video model (video-stage trainable set) on one random clip; "
+                                             "an S4D preset: its parameters per part, and a clip and an image batch.")
+    ap.add_argument("--model", default="s2d_tiny", choices=sorted(PRESETS) + sorted(S4D_PRESETS), help="preset")
     ap.add_argument("--frames", type=int, default=16, help="frames per clip")
     ap.add_argument("--repeat", type=int, default=1, help="timed forward+backward runs; the median is printed")
     args = ap.parse_args()
+    if args.model in S4D_PRESETS:
+        net = build_model(args.model, num_classes=7, num_frames=args.frames).eval()
+        parts = parameter_parts(net)
+        print(f"{args.model}: {sum(parts.values()):,} parameters, all trainable; "
+              f"{len(list(net.buffers()))} registered buffers")
+        for part, count in parts.items():
+            print(f"  {part:20s} {count:>12,}")
+        S = net.cfg.img_size
+        with torch.no_grad():
+            for x in (torch.randn(1, 3, args.frames, S, S), torch.randn(2, 3, S, S)):
+                start = time.perf_counter()
+                logits, feats = net(x)
+                kind = "clip" if x.dim() == 5 else "image batch"
+                print(f"{kind} {tuple(x.shape)} -> {'video' if x.dim() == 5 else 'image'} head logits "
+                      f"{tuple(logits.shape)}, features {tuple(feats.shape)}; {time.perf_counter() - start:.2f} s")
+        raise SystemExit(0)
     net = build_model(args.model, num_classes=7, num_frames=args.frames)
     trainable, total = set_trainable(net, "video")
     S = net.cfg.img_size
