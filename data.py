@@ -633,6 +633,42 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
         return self.total // self.num_replicas
 
 
+class JointSchedule:
+    """S4D's joint image + video fine-tuning (and its dual-modal pre-training): the order in which one epoch draws
+    batches from the video and the image loader. An epoch has video_steps + int(image_share * image_steps) steps
+    (image_share 0.5 for fine-tuning, 1.0 for pre-training), every video batch once and that many image batches,
+    shuffled from seed and epoch: every rank computes the same order, so all take the same modality at each step."""
+
+    MODALITIES = ("video", "image")
+
+    def __init__(self, video_steps, image_steps, image_share=0.5, seed=0):
+        if video_steps < 0 or image_steps < 0 or not 0 <= image_share <= 1:
+            raise ValueError(f"JointSchedule: need step counts >= 0 and image_share in [0, 1], got video_steps="
+                             f"{video_steps}, image_steps={image_steps}, image_share={image_share}")
+        self.steps = dict(video=int(video_steps), image=int(image_share * image_steps))
+        if len(self) == 0:
+            raise ValueError(f"JointSchedule: an epoch would have no steps (video_steps={video_steps}, "
+                             f"image_steps={image_steps}, image_share={image_share})")
+        self.image_share, self.seed = image_share, seed
+
+    def order(self, epoch):
+        """The epoch's modalities, a list of len(self) names "video" / "image"."""
+        names = ["video"] * self.steps["video"] + ["image"] * self.steps["image"]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # ClassBalancedSampler's seeding
+        return [names[k] for k in torch.randperm(len(names), generator=generator).tolist()]
+
+    def counts_before(self, epoch, step):
+        """{"video": n, "image": m}: batches of each modality before `step` (0 .. len) of the epoch; resuming there,
+        each loader skips that many batches."""
+        if not 0 <= step <= len(self):
+            raise ValueError(f"JointSchedule.counts_before: step {step} outside 0 .. {len(self)}")
+        before = self.order(epoch)[:step]
+        return {name: before.count(name) for name in self.MODALITIES}
+
+    def __len__(self):
+        return self.steps["video"] + self.steps["image"]
+
+
 # ---- demo dataset: procedural faces drawn from 68 landmarks (iBUG layout), numpy only
 # Expression parameters at the apex, as offsets from neutral: brow raise, brow inner end down, brow squeeze,
 # upper lid open, lower lid open, mouth width, smile (corners up), mouth open, upper lip raise, lips thin, nose up.

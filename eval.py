@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 import data
 import landmarks
 from data import CLASSES, ClipDataset, Sample, dataset_files, read_split
-from model import S2D, S2DConfig, config_from_state_dict, load_checkpoint, safe_load
+from model import (S2D, S4D, S2DConfig, config_from_state_dict, load_checkpoint, s4d_config_from_state_dict, s4d_kind,
+                   safe_load)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -113,8 +114,11 @@ def _view_probs(model, landmark_net, dataset, indices, batch_size, device, worke
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     rows = []
+    s4d = isinstance(model, S4D)
     for batch in loader:
         video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
+        if s4d and dataset.num_frames == 1:
+            video = video[:, :, 0]  # S4D: still images are a 4-D batch, which its image head classifies
         with autocast:
             logits, _ = model(video, landmark_net(video) if landmark_net is not None else None)
         probs = logits.float().softmax(-1).cpu()  # (B, classes)
@@ -161,7 +165,9 @@ def evaluate(model, landmark_net, dataset, batch_size, device, workers=0, amp=Fa
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
     predictions = _per_clip(rows, len(dataset.samples))
-    metrics = compute_metrics([p["label"] for p in predictions], [p["pred"] for p in predictions], net.cfg.num_classes)
+    image_head = isinstance(net, S4D) and dataset.num_frames == 1
+    num_classes = net.cfg.image_classes if image_head else net.cfg.num_classes
+    metrics = compute_metrics([p["label"] for p in predictions], [p["pred"] for p in predictions], num_classes)
     return dict(metrics, predictions=predictions)
 
 
@@ -371,13 +377,25 @@ def load_model(path, device, show=print):
     """Our checkpoint (config inside) or a released one (config inferred) -> (model in eval mode, checkpoint)."""
     ckpt = safe_load(path)
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not (isinstance(config, dict) and set(config) <= {f.name for f in dataclasses.fields(S2DConfig)}):
-        config = None  # not one of ours (a landmark file records its own config): judged by its tensors
-    try:
-        cfg = S2DConfig(**config) if config else config_from_state_dict(ckpt)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{path}: {err}") from None
-    model = S2D(cfg)
+    kind = s4d_kind(ckpt)
+    if kind == "pretrain":
+        raise ValueError(f"{path}: an S4D pre-training (MAE) checkpoint has no classifier; fine-tune it first: "
+                         f"train.py --stage joint --init {path}")
+    if kind == "classifier":  # S4D: its recorded config, else the architecture its tensors show
+        try:
+            state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+            cfg = s4d_config_from_state_dict(state, config if isinstance(config, dict) else None)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        model = S4D(cfg)
+    if kind is None:
+        if not (isinstance(config, dict) and set(config) <= {f.name for f in dataclasses.fields(S2DConfig)}):
+            config = None  # not one of ours (a landmark file records its own config): judged by its tensors
+        try:
+            cfg = S2DConfig(**config) if config else config_from_state_dict(ckpt)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        model = S2D(cfg)
     report = load_checkpoint(model, ckpt, verbose=False)
     if report.missing or report.mismatched:
         raise ValueError(f"{path}: does not fit the model it describes ({cfg}):\n{report}")
@@ -408,7 +426,7 @@ def recorded(ckpt, name, default=None):
 
 def landmark_view(args, ckpt, model, device, show=print):
     """The landmark net for `model`: none without MCP; --landmark-weights, else the file the run recorded."""
-    if not model.cfg.mcp:
+    if not getattr(model.cfg, "mcp", False):  # S4D has no landmark view
         return None
     weights = args.landmark_weights or recorded(ckpt, "landmark_weights")
     if weights and not args.landmark_weights:
@@ -437,13 +455,17 @@ def eval_fold(args, fold, device, show):
     if problem:
         raise data.LayoutError(problem)
     model, ckpt = load_model(path, device, show)
-    check_classes(path, ckpt, args.dataset, model.cfg.num_classes, args.allow_other_classes)
+    num_classes, ckpt_classes = model.cfg.num_classes, ckpt
+    if isinstance(model, S4D) and args.dataset in data.IMAGE_DATASETS:  # S4D's image head, its classes
+        num_classes, image_dataset = model.cfg.image_classes, recorded(ckpt, "image_dataset")
+        ckpt_classes = {"classes": list(CLASSES[image_dataset])} if image_dataset in CLASSES else {}
+    check_classes(path, ckpt_classes, args.dataset, num_classes, args.allow_other_classes)
     landmark_net = landmark_view(args, ckpt, model, device, show)
     samples = read_split(args.dataset, files.test, one_based=args.one_based)
     ds = views_dataset(args, ckpt, model, samples, files.media_root, data.eval_views(args.dataset))
     show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {len(ds) // len(samples)} views")
     result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)
-    names = class_names(ckpt, args.dataset, model.cfg.num_classes)
+    names = class_names(ckpt, args.dataset, num_classes)
     show(format_report(result, names) + "\n")
     return result, samples, names
 

@@ -15,6 +15,7 @@ caller simply never calls enqueue); lambda follows epoch steps (`schedule="relea
 import math
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -212,6 +213,98 @@ def bench(batches=(64, 512), num_classes=7, dim=768, queue_size=16, repeats=7, s
         print(f"SDL step, batch {B}, {num_classes} classes, {dim}-d features, queue {queue_size}, 1 thread: "
               f"{result[B]:.3f} ms (median of {repeats} x {steps} steps)")
     return result
+
+
+# ---- S4D: soft-target cross-entropy with mixup / cutmix
+# The joint fine-tuning recipe mixes each batch as timm's Mixup does in "batch" mode: the batch is paired with its
+# flip, one lam ~ Beta(alpha, alpha) for the whole batch; when both mixup and cutmix are on, a batch uses cutmix
+# with probability switch_prob, else mixup; targets are label-smoothed one-hots mixed with the same lam.
+
+
+def soft_targets(labels, num_classes, smoothing=0.0):
+    """labels (B,) -> (B, K) float32 one-hots with label smoothing (timm's convention, rows sum to 1):
+    off-value smoothing / K, on-value 1 - smoothing + smoothing / K."""
+    off = smoothing / num_classes
+    target = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
+    return target.scatter_(1, labels.long()[:, None], 1.0 - smoothing + off)
+
+
+def _numpy_rng(rng):
+    """A numpy Generator as is; a torch.Generator gives one 62-bit seed for a fresh numpy Generator (numpy has the
+    Beta draw that torch lacks with an explicit generator), so the torch generator's state still fixes everything."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, torch.Generator):
+        return np.random.default_rng(int(torch.randint(0, 2**62, (), generator=rng, device=rng.device)))
+    raise TypeError(f"MixCut: rng must be a torch.Generator or numpy.random.Generator, got {type(rng).__name__}")
+
+
+class MixCut:
+    """Batch mixing of the joint fine-tuning recipe: mixup (alpha 0.8) or cutmix (alpha 1.0), switch probability
+    0.5, applied to every batch (prob 1.0), label smoothing 0.1. mixup_alpha = cutmix_alpha = 0: no mixing, only
+    label smoothing.
+
+    mix(x, labels, rng) with x images (B, 3, H, W) or videos (B, 3, T, H, W), labels (B,) -> (mixed x, soft
+    targets (B, K)). Sample i is mixed with sample B - 1 - i (x.flip(0)); with odd B the middle one, and with B == 1
+    the only one, is mixed with itself. Cutmix uses one box for the whole batch, on every frame of a clip.
+    """
+
+    def __init__(self, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0, smoothing=0.1):
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1 or not 0 <= prob <= 1:
+            raise ValueError(f"MixCut: need alphas >= 0 and probabilities in [0, 1], got mixup_alpha={mixup_alpha}, "
+                             f"cutmix_alpha={cutmix_alpha}, switch_prob={switch_prob}, prob={prob}")
+        self.num_classes, self.smoothing = num_classes, smoothing
+        self.mixup_alpha, self.cutmix_alpha, self.switch_prob, self.prob = mixup_alpha, cutmix_alpha, switch_prob, prob
+
+    def __repr__(self):
+        return (f"MixCut(num_classes={self.num_classes}, mixup_alpha={self.mixup_alpha}, "
+                f"cutmix_alpha={self.cutmix_alpha}, switch_prob={self.switch_prob}, prob={self.prob}, "
+                f"smoothing={self.smoothing})")
+
+    def draw(self, rng, height, width):
+        """One batch's parameters -> (lam, box): box (y0, y1, x0, x1) for cutmix, None for mixup (or no mixing,
+        lam 1.0). __call__ draws exactly this, so a generator in the same state reproduces its choice."""
+        rng = _numpy_rng(rng)
+        if (self.mixup_alpha <= 0 and self.cutmix_alpha <= 0) or rng.random() >= self.prob:
+            return 1.0, None
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
+        lam = float(rng.beta(alpha, alpha))
+        if not cutmix:
+            return lam, None
+        # timm's rand_bbox: sides sqrt(1 - lam) of the image's (area fraction 1 - lam), centre uniform over the
+        # pixels, the box clipped to the image; then lam is corrected to the fraction of the image left unboxed.
+        ratio = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * ratio), int(width * ratio)
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height)
+        x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width)
+        return 1.0 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1)
+
+    def apply(self, x, labels, lam, box=None):
+        """Mix x (B, 3, [T,] H, W) and labels (B,) with given lam and box -> (mixed x, soft targets (B, K))."""
+        if x.ndim not in (4, 5) or labels.shape != (x.shape[0],):
+            raise ValueError(f"MixCut: x {tuple(x.shape)} must be (B, 3, H, W) or (B, 3, T, H, W) and labels "
+                             f"{tuple(labels.shape)} must be (B,) with the same B")
+        target = soft_targets(labels, self.num_classes, self.smoothing)
+        if box is None and lam == 1.0:
+            return x, target
+        target = target * lam + target.flip(0) * (1.0 - lam)
+        if box is None:
+            return x * lam + x.flip(0) * (1.0 - lam), target
+        y0, y1, x0, x1 = box
+        mixed = x.clone()
+        mixed[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]  # the last two axes: the same box on every frame
+        return mixed, target
+
+    def __call__(self, x, labels, rng):
+        """x (B, 3, [T,] H, W), labels (B,), rng a torch.Generator or numpy Generator -> (mixed x, targets (B, K))."""
+        return self.apply(x, labels, *self.draw(rng, x.shape[-2], x.shape[-1]))
+
+
+def soft_target_ce(logits, target):
+    """logits (B, K), target (B, K) rows summing to 1 -> scalar: mean over the batch of sum(-target * log_softmax)."""
+    return (-target.to(logits.device) * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 if __name__ == "__main__":

@@ -895,6 +895,17 @@ def s4d_to_ours(sd, pretrain):
     return sd, naming, ignored
 
 
+def s4d_kind(checkpoint):
+    """'classifier' or 'pretrain' for an S4D checkpoint (ours or the release's), None for anything else."""
+    try:
+        keys = [k.removeprefix("module.") for k in _unwrap(checkpoint, "<checkpoint>")]
+    except ValueError:
+        return None
+    if any(k.startswith("encoder.blocks.") for k in keys):
+        return "pretrain"
+    return "classifier" if any(k.endswith(".attn.q_bias") for k in keys) else None
+
+
 def s4d_config_from_state_dict(sd, recorded=None) -> S4DConfig:
     """The S4D architecture of a state dict (ours or the release's); `recorded` (a config train.py saved) fills
     in what the tensors cannot say (input size, frames), else the preset of the same width and depth does."""

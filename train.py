@@ -48,28 +48,35 @@ from tqdm import tqdm
 import data
 import landmarks
 from eval import demo_pictures, evaluate, format_report
-from loss import SCHEDULES, EmotionAnchors, lambda_at, sdl_loss
-from model import VIDEO_STAGE, build_model, load_checkpoint, no_weight_decay, safe_load, set_trainable
+from loss import SCHEDULES, EmotionAnchors, MixCut, lambda_at, sdl_loss, soft_target_ce
+from model import (VIDEO_STAGE, build_model, layer_scale, load_checkpoint, mae_loss, mae_target, no_weight_decay,
+                   random_mask, safe_load, set_trainable)
 
 # ----------------------------------------------------------------------------- options
 # Options left unset take the default of the run kind. The demo's are measured (README, "The demo"): its image
 # stage trains a tiny ViT from scratch on 1,650 stills, its video stage adapts it on 8 frames a clip, 2 apart.
-KINDS = ("demo image", "demo video", "image", "video")
+# S4D's two stages (joint fine-tuning, dual-modal MAE pre-training) follow its release's recipe (README, S4D).
+KINDS = ("demo image", "demo video", "image", "video", "demo joint", "demo mae", "joint", "mae")
 RUN_DEFAULTS = {  # one value per kind, in KINDS order
-    "model": ("s2d_tiny", "s2d_tiny", "s2d_base", "s2d_base"),
-    "epochs": (7, 3, 20, 100),
-    "batch_size": (16, 8, 32, 8),  # per process; the demo's stages keep these totals on several processes
-    "num_frames": (1, 8, 1, 16),
-    "sampling_rate": (1, 2, 1, 1),  # demo: 8 frames 2 apart span the 16-18 frame clip
+    "model": ("s2d_tiny", "s2d_tiny", "s2d_base", "s2d_base", "s4d_tiny", "s4d_tiny", "s4d_base", "s4d_base"),
+    "epochs": (7, 3, 20, 100, 4, 3, 100, 100),
+    # per process; the demo's stages keep these totals on several processes. S4D: videos per batch (an image
+    # batch is --image-batch-size, twice this by default); its pre-training: 48 videos (the release: x 4 views)
+    "batch_size": (16, 8, 32, 8, 8, 8, 16, 48),
+    "num_frames": (1, 8, 1, 16, 8, 8, 16, 16),
+    # demo: 8 frames 2 apart span the 16-18 frame clip. S4D: 4 on DFEW and MAFW, 1 on FERV39K (set below)
+    "sampling_rate": (1, 2, 1, 1, 2, 2, 1, 4),
     # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
-    # layer decay; the authors publish no image-stage recipe); demo: measured (README)
-    "blr": (1e-3, 3e-3, 5e-6, 1e-5),
-    "warmup_epochs": (1, 0.5, 2, 2),
-    "sdl_start": (-1, 1, -1, 20),  # -1: no SDL. The release starts SDL after epoch 20
-    "augment": ("flip", "none", "paper", "paper"),
-    "landmark_preset": ("mobilefacenet_tiny", "mobilefacenet_tiny", "mobilefacenet", "mobilefacenet"),
-    "workers": (1, 1, 8, 8),  # demo: one loader process overlaps decoding with the model's 2 threads (12 % faster)
+    # layer decay; the authors publish no image-stage recipe); demo: measured (README). S4D joint: its 1e-5;
+    # its MAE: lr 1.6e-3 x batch / 512 (batch = videos x 4 views) is blr 1e-4 x batch / 8 at 4 views
+    "blr": (1e-3, 3e-3, 5e-6, 1e-5, 1e-3, 1e-3, 1e-5, 1e-4),
+    "warmup_epochs": (1, 0.5, 2, 2, 0.5, 0.5, 5, 5),
+    "sdl_start": (-1, 1, -1, 20, -1, -1, -1, -1),  # -1: no SDL. The release starts SDL after epoch 20
+    "augment": ("flip", "none", "paper", "paper", "flip", "light", "paper", "light"),
+    "landmark_preset": ("mobilefacenet_tiny", "mobilefacenet_tiny", "mobilefacenet", "mobilefacenet") + (None,) * 4,
+    "workers": (1, 1, 8, 8, 1, 1, 8, 8),  # demo: one loader process overlaps decoding with the model's 2 threads
 }
+S4D_STAGES = ("joint", "mae")
 
 
 def by_kind(name):
@@ -79,22 +86,28 @@ def by_kind(name):
 
 # Where a real-dataset run looks for the files it starts from, and where to get each (README, Files to download)
 WEIGHTS = {"video": "weights/pretrain-AffectNet-7.pth", "image": "weights/mae_pretrain_vit_base.pth",
-           "landmarks": "weights/mobilefacenet_model_best.pth.tar"}
+           "landmarks": "weights/mobilefacenet_model_best.pth.tar",
+           "joint": "weights/vit_base_voxceleb2+affectnet_100.pt", "mae": None}  # pre-training starts from scratch
 WHERE = {"video": "the authors' image-stage checkpoint, https://huggingface.co/cyinen/S2D (pretrain-AffectNet-7.pth), "
                   "or your own: train.py --stage image --dataset affectnet7",
          "image": "MAE's ImageNet-1K ViT-B/16, https://github.com/facebookresearch/mae (mae_pretrain_vit_base.pth)",
          "landmarks": "the 68-point MobileFaceNet in the authors' repository, https://github.com/MSA-LMC/S2D "
-                      "(landmark/mobilefacenet_model_best.pth.tar)"}
+                      "(landmark/mobilefacenet_model_best.pth.tar)",
+         "joint": "S4D's dual-modal MAE encoder, https://huggingface.co/cyinen/S4D "
+                  "(vit_base_voxceleb2+affectnet_100.pt), or your own: train.py --stage mae",
+         "mae": "a checkpoint to continue pre-training from"}
 RUNTIME_OPTIONS = ("resume", "workers", "stop_after_steps", "debug")  # on --resume these come from the command line
 FOLDED = ("dfew", "mafw")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 add = parser.add_argument
-add("--stage", choices=("demo", "image", "video"),
+add("--stage", choices=("demo", "image", "video", "joint", "mae"),
     help="demo: the three demo stages in order (landmarks.py --train, then image, then video), each reused when "
          "finished (default for --dataset demo); image: the SFER image "
          "model, full fine-tuning (from an MAE ViT-B/16 via --init); video: the DFER model (default otherwise), "
-         "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise")
+         "training only the video-stage set when --init gives the image-stage checkpoint, everything otherwise. "
+         "S4D: joint: image + video fine-tuning of the whole model with MoAE (from the dual-modal MAE encoder via "
+         "--init); mae: dual-modal masked-autoencoder pre-training on the --dataset clips and --image-dataset images")
 add("--dataset", default="demo", choices=sorted(data.CLASSES), help="dataset to train on (default: demo)")
 add("--data-root", help="dataset folder in its release layout (README, Datasets; default: data/<NAME>, e.g. "
                         "data/FERV39K; the demo's data/demo is generated when train.csv is missing)")
@@ -104,7 +117,7 @@ add("--train-split", help="training split file instead of the release layout's (
 add("--test-split", help="test split file instead of the release layout's")
 add("--one-based", action="store_true", help="DFEW's own split files, labels 1-7 (the authors' files count 0-6)")
 add("--fold", type=int, default=1, help="fold of DFEW / MAFW (1-5)")
-add("--model", choices=("s2d_base", "s2d_tiny"), help=f"preset (default: {by_kind('model')})")
+add("--model", choices=("s2d_base", "s2d_tiny", "s4d_base", "s4d_tiny"), help=f"preset (default: {by_kind('model')})")
 add("--init", help="checkpoint to start from: an MAE / timm ViT-B/16 (image stage), an image-stage checkpoint, "
                    "ours or the released pretrain-AffectNet-7.pth (video stage). On a real dataset the default is "
                    f"{WEIGHTS['video']} (video stage) or {WEIGHTS['image']} (image stage); 'none' trains from "
@@ -124,6 +137,23 @@ add("--landmark-preset", choices=sorted(landmarks.PRESETS),
 add("--no-mcp", action="store_true", help="ablation: no landmark view and no MCP prompts")
 add("--no-tma", action="store_true", help="ablation: the video stage without TMA (the image model on every frame, "
                                           "its per-frame features averaged over time)")
+s4d = parser.add_argument_group("S4D stages (--stage joint / mae)")
+s4d.add_argument("--image-dataset", choices=sorted(data.IMAGE_DATASETS),
+                 help="the still images trained with the videos (default: affectnet7; the demo: demo_image)")
+s4d.add_argument("--image-data-root", help="its folder (default: data/<NAME>; the demo: --data-root)")
+s4d.add_argument("--image-batch-size", type=int, help="images per process and step (default: 2 x --batch-size)")
+s4d.add_argument("--image-share", type=float,
+                 help="an epoch takes every video batch and this share of the image batches (default: joint 0.5, "
+                      "mae 1.0), in an order shuffled from seed and epoch")
+s4d.add_argument("--layer-decay", type=float, default=0.75, help="joint: layer-wise lr decay (1: none)")
+s4d.add_argument("--mixup", type=float, default=0.8, help="joint: mixup alpha (0: off)")
+s4d.add_argument("--cutmix", type=float, default=1.0, help="joint: cutmix alpha (0: off)")
+s4d.add_argument("--smoothing", type=float, default=0.1, help="joint: label smoothing")
+s4d.add_argument("--routing", default="release", choices=("release", "plain"),
+                 help="MoAE router in training: release: noisy logits and a per-expert capacity, as released; "
+                      "plain: as in evaluation (evaluation is always plain)")
+s4d.add_argument("--image-mask", type=float, default=0.9, help="mae: share of an image's tokens hidden")
+s4d.add_argument("--video-mask", type=float, default=0.95, help="mae: share of a clip's tokens hidden (random)")
 add("--oversample", action="store_true", help="class-balanced sampling (trades WAR for UAR, paper Tables IX-X)")
 add("--epochs", type=int, help=f"training epochs (default: {by_kind('epochs')})")
 add("--batch-size", type=int, help=f"clips per process and micro-step (default: {by_kind('batch_size')})")
@@ -131,7 +161,7 @@ add("--accum-steps", type=int, default=1, help="micro-steps per optimizer step (
 add("--num-frames", type=int, help=f"frames per clip (default: {by_kind('num_frames')})")
 add("--sampling-rate", type=int, help=f"frame step within a clip (default: {by_kind('sampling_rate')})")
 add("--blr", type=float, help=f"base lr; lr = blr * total_batch / 8 (default: {by_kind('blr')})")
-add("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
+add("--min-lr", type=float, help="lr at the end of the cosine schedule (default 0; joint: 1e-6 x total batch / 256)")
 add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {by_kind('warmup_epochs')})")
 add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
 add("--augment", choices=("paper", "light", "flip", "none"),
@@ -332,14 +362,40 @@ if args.resume:  # the saved options win, except the runtime ones
         args.__dict__.setdefault(name, value)
 else:
     ckpt = None
-    kind = (args.stage == "video") + (0 if args.dataset in ("demo", "demo_image") else 2)
+    demo = args.dataset in ("demo", "demo_image")
+    kind = KINDS.index(("demo " if demo else "") + args.stage)
     if args.stage == "image" and args.num_frames is None:
         args.num_frames = 1  # the image model sees single frames, the demo's too
+    if args.stage in S4D_STAGES:
+        if args.landmark_weights or args.no_tma or args.oversample or args.sdl_start not in (None, -1):
+            parser.error(f"--stage {args.stage} trains S4D, a plain ViT with MoAE: --landmark-weights, --no-tma, "
+                         "--oversample (its images are always class-balanced) and --sdl-start do not apply")
+        if args.dataset in data.IMAGE_DATASETS:
+            parser.error(f"--stage {args.stage}: --dataset names the videos ({args.dataset} is an image dataset; "
+                         "the images come from --image-dataset)")
+        if args.accum_steps != 1:
+            parser.error(f"--stage {args.stage} takes one modality per step: --accum-steps must be 1")
+        args.no_mcp = True  # no landmark view
+        if args.sampling_rate is None and args.stage == "joint" and args.dataset in ("dfew", "mafw"):
+            args.sampling_rate = 4  # the release's: 4 on DFEW and MAFW, 1 on FERV39K
+        args.image_dataset = args.image_dataset or ("demo_image" if demo else "affectnet7")
+        args.image_share = args.image_share if args.image_share is not None else {"joint": 0.5, "mae": 1.0}[args.stage]
+    elif args.image_dataset or args.image_data_root or args.image_batch_size or args.image_share is not None:
+        parser.error("--image-dataset, --image-data-root, --image-batch-size and --image-share belong to --stage "
+                     "joint / mae")
     for name, by_kind in RUN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, by_kind[kind])
+    if args.stage in S4D_STAGES and not args.model.startswith("s4d"):
+        parser.error(f"--stage {args.stage} trains S4D: --model s4d_base or s4d_tiny, not {args.model}")
+    if args.stage not in S4D_STAGES and args.model.startswith("s4d"):
+        parser.error(f"--model {args.model} is S4D: train it with --stage joint or mae")
     args.data_root = args.data_root or data.DEFAULT_ROOTS[args.dataset]
-    if args.dataset not in ("demo", "demo_image"):  # a real dataset: the files it starts from, found now
+    if args.stage in S4D_STAGES:
+        args.image_batch_size = args.image_batch_size or 2 * args.batch_size
+        args.image_data_root = args.image_data_root or (args.data_root if demo else
+                                                        data.DEFAULT_ROOTS[args.image_dataset])
+    if not demo:  # a real dataset: the files it starts from, found now
         args.init = args.init or WEIGHTS[args.stage]
         args.landmark_weights = args.landmark_weights or (None if args.no_mcp else WEIGHTS["landmarks"])
     args.init = None if args.init == "none" else args.init
@@ -384,8 +440,15 @@ if args.dataset == "demo" and not (root / "train.csv").exists():
 files = data.dataset_files(args.dataset, root, fold=args.fold)
 files = data.DatasetFiles(args.train_split or files.train, args.test_split or files.test,
                           args.media_root or files.media_root)
+s4d_stage = args.stage in S4D_STAGES
+if s4d_stage:  # S4D also trains on still images: their train split, and for the joint stage their test split
+    image_root = Path(args.image_data_root)
+    image_files = data.dataset_files(args.image_dataset, image_root)
 if not args.resume:  # everything the run reads, checked before it reads anything: one message for all of it
     missing = [data.layout_problem(args.dataset, root, files)]
+    if s4d_stage:
+        needed = ("train", "test") if args.stage == "joint" else ("train",)
+        missing.append(data.layout_problem(args.image_dataset, image_root, image_files, needed=needed))
     starts = [("init", args.init, WHERE[args.stage]), ("landmark-weights", args.landmark_weights, WHERE["landmarks"])]
     missing += [f"--{option} {path}: no such file" + (f"; get {where}" if path in WEIGHTS.values() else "")
                 for option, path, where in starts if path and not Path(path).is_file()]
@@ -397,8 +460,17 @@ if not args.resume:  # everything the run reads, checked before it reads anythin
 classes = data.CLASSES[args.dataset]
 train_all = data.read_split(args.dataset, files.train, one_based=args.one_based)
 test_samples = data.read_split(args.dataset, files.test, one_based=args.one_based)
-for split, samples in ((files.train, train_all), (files.test, test_samples)):  # found now, not after training
-    problems = [p for _, p in data.header_problems(samples[rank::world], files.media_root)]  # each rank a share
+checks = [(files.train, train_all, files.media_root), (files.test, test_samples, files.media_root)]
+if s4d_stage:
+    image_classes = data.CLASSES[args.image_dataset]
+    image_train = data.read_split(args.image_dataset, image_files.train)
+    image_test = data.read_split(args.image_dataset, image_files.test) if args.stage == "joint" else []
+    checks += [(image_files.train, image_train, image_files.media_root)]
+    checks += [(image_files.test, image_test, image_files.media_root)] if image_test else []
+if args.stage == "mae":
+    args.val_fraction = 0.0  # pre-training selects nothing: every clip trains
+for split, samples, media_root in checks:  # found now, not after training
+    problems = [p for _, p in data.header_problems(samples[rank::world], media_root)]  # each rank a share
     if ddp:
         shares = [None] * world
         dist.all_gather_object(shares, problems)
@@ -419,20 +491,26 @@ image_stage = args.stage == "image"
 landmark_net = None  # frozen, eval mode, no grad; none without MCP
 if not args.no_mcp:
     landmark_net = landmarks.LandmarkFeatures(args.landmark_weights, args.landmark_preset).to(device)
-model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage or args.no_tma,
-                    kernels=args.kernels, mcp=not args.no_mcp,
-                    landmark_channels=landmark_net.feature_width if landmark_net is not None else 128)
-scope = "image" if image_stage else ("video" if args.init else "all")
+if s4d_stage:  # S4D: its classifier (joint) or its masked autoencoder (mae); everything trains
+    routing = dict(router_noise=args.routing == "release", capacity=2.0 if args.routing == "release" else 0.0)
+    model = build_model(args.model, len(classes), args.num_frames, pretrain=args.stage == "mae",
+                        image_classes=len(image_classes), **routing)
+else:
+    model = build_model(args.model, len(classes), args.num_frames, image_model=image_stage or args.no_tma,
+                        kernels=args.kernels, mcp=not args.no_mcp,
+                        landmark_channels=landmark_net.feature_width if landmark_net is not None else 128)
+scope = "image" if image_stage else ("video" if args.init and not s4d_stage else "all")
 if args.init and not args.resume:
     init = safe_load(args.init)
     init_classes = init.get("classes") if isinstance(init, dict) else None  # recorded by train.py
     if init_classes is not None and list(init_classes) != list(classes):
-        video_init = any(k.startswith(("tma.", "temporal_embed")) for k in init.get("model", {}))
+        video_init = any(k.startswith(("tma.", "temporal_embed", "head.video.")) for k in init.get("model", {}))
         if video_init and not args.allow_other_classes:  # a fine-tuned DFER model of other classes
             sys.exit(f"train.py: --init {args.init} was trained on the classes {list(init_classes)}, but "
                      f"--dataset {args.dataset} has {list(classes)}; --allow-other-classes fine-tunes it anyway "
                      "(its classifier starts afresh)")
-        init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("head.")}}
+        drop = "head.video." if s4d_stage else "head."  # S4D's image head keeps its own classes
+        init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith(drop)}}
         log(f"--init {args.init}: its classes {list(init_classes)} are not --dataset {args.dataset}'s "
             f"{list(classes)}, so its classifier is not loaded: the head starts afresh")
     report = load_checkpoint(model, init, source=args.init)
@@ -442,6 +520,9 @@ if args.init and not args.resume:
     backbone = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
     needed = [n for n, _ in model.named_parameters()
               if (not n.startswith(VIDEO_STAGE) if scope == "video" else n.startswith(backbone))]
+    if s4d_stage:  # S4D fine-tuning needs the pre-trained encoder (its MoAE starts fresh); pre-training all of it
+        needed = [n for n, _ in model.named_parameters() if args.stage == "mae" or
+                  (n.startswith(("patch_embed.", "blocks.")) and ".moae." not in n)]
     loaded = set(report.loaded)
     absent = [n for n in needed if n not in loaded]
     if absent and not args.allow_partial_init:
@@ -459,8 +540,9 @@ model.to(device)
 anchors = EmotionAnchors(len(classes), model.cfg.width, init="empty" if args.sdl_refresh == "step" else "random")
 anchors.to(device)
 raw_model = model
-if ddp:  # every trainable parameter gets a gradient, so no unused-parameter search
-    model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+if ddp:  # S2D: every trainable parameter gets a gradient, so no unused-parameter search. S4D: a step uses one
+    # head, and an expert may get no token
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None, find_unused_parameters=s4d_stage)
 torch.manual_seed(args.seed + rank)  # from here on, anything random differs per rank
 random.seed(args.seed + rank)
 np.random.seed(args.seed + rank)
@@ -478,36 +560,97 @@ if args.oversample:
 else:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
 per_step = args.batch_size * args.accum_steps  # clips per process and optimizer step
-steps_per_epoch = len(sampler) // per_step
+video_steps = steps_per_epoch = len(sampler) // per_step
 if steps_per_epoch == 0:
     sys.exit(f"train.py: {len(train_samples)} training clips give {len(sampler)} per process, fewer than "
              f"batch-size x accum-steps = {per_step}; lower --batch-size")
+if s4d_stage:  # the images: class-balanced with replacement for fine-tuning (always), shuffled for pre-training
+    image_common = dict(common, num_frames=1, sampling_rate=1)
+    image_ds = data.ClipDataset(image_train, image_files.media_root, mode="train", augment=augment, **image_common)
+    image_test_ds = data.ClipDataset(image_test, image_files.media_root, mode="eval", augment=False, **image_common,
+                                     **data.eval_views(args.image_dataset))
+    if args.stage == "joint":
+        image_sampler = data.ClassBalancedSampler([s.label for s in image_train], num_replicas=world, rank=rank,
+                                                  seed=args.seed)
+    else:
+        image_sampler = DistributedSampler(image_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                           drop_last=True)
+    schedule = data.JointSchedule(video_steps, len(image_sampler) // args.image_batch_size, args.image_share,
+                                  args.seed)
+    steps_per_epoch = len(schedule)
+    mixers = {m: MixCut(len(names), args.mixup, args.cutmix, smoothing=args.smoothing)
+              for m, names in (("video", classes), ("image", image_classes))}
 
 
 def ignore_sigint(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which saves and exits
 
 
-def epoch_loader(epoch, skip_steps):
-    """This epoch's batches after the first skip_steps optimizer steps; order and augmentation come from seed+epoch."""
-    sampler.set_epoch(epoch)
-    train_ds.set_epoch(epoch)
-    order = list(sampler)[skip_steps * per_step: steps_per_epoch * per_step]
-    return DataLoader(train_ds, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
+def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None, steps=None):
+    """This epoch's batches after the first skip_steps optimizer steps; order and augmentation come from seed+epoch.
+    The training clips by default; S4D's images with their own dataset, sampler, batch size and step count."""
+    dataset, order_of = dataset or train_ds, order_of or sampler
+    batch_size, steps = batch_size or args.batch_size, video_steps if steps is None else steps
+    order_of.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    order = list(order_of)[skip_steps * batch_size * args.accum_steps: steps * batch_size * args.accum_steps]
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=args.workers,
                       pin_memory=use_cuda, worker_init_fn=ignore_sigint,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def epoch_batches(epoch, skip_steps):
+    """(modality, batch) for this epoch's steps after the first skip_steps: S2D's are all video batches; S4D's
+    come from its video and image loaders in the schedule's order, each loader resuming where the epoch left it."""
+    if not s4d_stage:
+        yield from (("video", batch) for batch in epoch_loader(epoch, skip_steps))
+        return
+    order, done = schedule.order(epoch), schedule.counts_before(epoch, skip_steps)
+    loaders = {"video": iter(epoch_loader(epoch, done["video"], steps=schedule.steps["video"])),
+               "image": iter(epoch_loader(epoch, done["image"], image_ds, image_sampler, args.image_batch_size,
+                                          schedule.steps["image"]))}
+    for modality in order[skip_steps:]:
+        yield modality, next(loaders[modality])
+
+
+def s4d_losses(modality, batch, epoch, step_in_epoch):
+    """One S4D step's loss and its parts (CE or reconstruction, balance), for a batch of one modality. Its random
+    draws (mixing, masks) come from seed, epoch, step and rank, so a resumed run draws the same."""
+    x = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S); images (B, 3, 1, S, S)
+    if modality == "image":
+        x = x[:, :, 0]  # an image batch is 4-D: the image head, one tubelet
+    seed = [args.seed, epoch, step_in_epoch, rank]
+    if args.stage == "mae":
+        cfg = raw_model.cfg
+        tokens = cfg.grid**2 * (1 if modality == "image" else cfg.num_frames // cfg.tubelet)
+        ratio = args.image_mask if modality == "image" else args.video_mask
+        mask = random_mask(len(x), tokens, ratio, torch.Generator().manual_seed(int(np.random.SeedSequence(seed)
+                                                                                   .generate_state(1)[0]))).to(device)
+        with autocast():
+            pred = model(x, mask)  # (B, hidden, tubelet*p*p*3)
+        loss = mae_loss(pred.float(), mae_target(x, cfg.patch_size, cfg.tubelet), mask)
+        return loss, loss.detach(), torch.zeros((), device=device)
+    x, target = mixers[modality](x, batch["label"].to(device, non_blocking=True), np.random.default_rng(seed))
+    with autocast():
+        logits, _ = model(x)
+    ce = soft_target_ce(logits.float(), target)
+    balance = raw_model.balance_loss.float()  # the MoAE balance loss of this forward, weighted (1e-3)
+    return ce + balance, ce.detach(), balance.detach()
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 total_batch = per_step * world
 lr = args.blr * total_batch / 8
-groups = [[], []]  # [decay, no decay]
+if args.min_lr is None:
+    args.min_lr = 1e-6 * total_batch / 256 if args.stage == "joint" else 0.0  # S4D's: 1e-6 x total batch / 256
+groups = {}  # (lr scale, weight decay) -> parameters
 for name, p in raw_model.named_parameters():
     if p.requires_grad:
-        groups[no_weight_decay(name, p)].append(p)
-optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": args.weight_decay},
-                               {"params": groups[1], "weight_decay": 0.0}],
-                              lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=use_cuda)
+        scale = layer_scale(name, raw_model.cfg.depth, args.layer_decay) if args.stage == "joint" else 1.0
+        groups.setdefault((scale, 0.0 if no_weight_decay(name, p) else args.weight_decay), []).append(p)
+optimizer = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr": lr * scale}
+                               for (scale, wd), ps in sorted(groups.items(), key=lambda g: (-g[0][0], -g[0][1]))],
+                              lr=lr, betas=(0.9, 0.95 if args.stage == "mae" else 0.999), eps=1e-8, fused=use_cuda)
 warmup_steps, total_steps = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
 
 
@@ -527,7 +670,11 @@ log(f"{world} process(es) on {device}, {precision}; effective batch = {args.batc
     f"{world} = {total_batch}; lr = {args.blr:g} x {total_batch} / 8 = {lr:g}; {steps_per_epoch} steps per epoch")
 log(f"data: {len(train_samples)} train / {len(val_samples)} validation / {len(test_samples)} test clips, "
     f"{len(classes)} classes")
-if scope == "all":
+if s4d_stage:
+    log(f"S4D {args.stage}: every epoch takes {schedule.steps['video']} video batches of {args.batch_size} and "
+        f"{schedule.steps['image']} image batches of {args.image_batch_size} ({args.image_dataset}, "
+        f"{'class-balanced' if args.stage == 'joint' else 'shuffled'}), in a seeded order; the whole model trains")
+elif scope == "all":
     log("no --init: the whole model trains (there is no image-stage model to keep frozen)")
 log(f"{args.model} {args.stage} model ({scope} set trains): {n_trainable:,} trainable of {n_total:,} parameters")
 
@@ -577,8 +724,9 @@ def save_checkpoint(names, epoch, step_in_epoch):
                  f"{kept} is as it was. Free space, then continue with: python train.py --resume {out}")
 
 
-def new_meter():
-    return dict(loss=0.0, ce=0.0, bce=0.0, steps=0, clips=0, replaced=0, seconds=0.0, lr=0.0)
+def new_meter():  # S4D also keeps its loss per modality: video_loss / video_steps, image_loss / image_steps
+    return dict(loss=0.0, ce=0.0, bce=0.0, steps=0, clips=0, replaced=0, seconds=0.0, lr=0.0, video_loss=0.0,
+                video_steps=0, image_loss=0.0, image_steps=0)
 
 
 start_epoch, skip, step, meter, best = 0, 0, 0, new_meter(), dict(score=-1.0, epoch=-1)
@@ -647,20 +795,24 @@ for epoch in range(start_epoch, args.epochs):
                disable=not master or not sys.stderr.isatty())  # in a log file: only the line per epoch below
     sums = torch.zeros(4, device=device)  # this optimizer step's loss, ce, bce (means), replaced clips (a count)
     t0 = time.perf_counter()
-    for micro, batch in enumerate(epoch_loader(epoch, skip)):
+    for micro, (modality, batch) in enumerate(epoch_batches(epoch, skip)):
         step_in_epoch, last_micro = skip + micro // args.accum_steps, (micro + 1) % args.accum_steps == 0
-        video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
-        labels = batch["label"].to(device, non_blocking=True)  # (B,)
-        lam = sdl_weight(epoch + step_in_epoch / steps_per_epoch)
-        with model.no_sync() if ddp and not last_micro else nullcontext():
-            with autocast():
-                lm_feats = landmark_net(video) if landmark_net is not None else None  # (B, T, C, 14, 14), no grad
-                logits, features = model(video, lm_feats)  # (B, classes), (B, C)
-            soft = anchors.soft_labels(features) if lam > 0 else None  # Eq. (16)-(18), queues as they are
-            loss, ce, bce = sdl_loss(logits, labels, soft, lam)
-            scaler.scale(loss / args.accum_steps).backward()
-        if args.sdl_refresh == "step":  # the paper: newest in, oldest out, every step; identical on all ranks
-            anchors.enqueue(features.detach(), logits.detach().float().softmax(-1), labels)
+        if s4d_stage:  # S4D: one modality per step; ce is its CE or reconstruction loss, bce its balance loss
+            loss, ce, bce = s4d_losses(modality, batch, epoch, step_in_epoch)
+            scaler.scale(loss).backward()
+        else:
+            video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S)
+            labels = batch["label"].to(device, non_blocking=True)  # (B,)
+            lam = sdl_weight(epoch + step_in_epoch / steps_per_epoch)
+            with model.no_sync() if ddp and not last_micro else nullcontext():
+                with autocast():
+                    lm_feats = landmark_net(video) if landmark_net is not None else None  # (B, T, C, 14, 14)
+                    logits, features = model(video, lm_feats)  # (B, classes), (B, C)
+                soft = anchors.soft_labels(features) if lam > 0 else None  # Eq. (16)-(18), queues as they are
+                loss, ce, bce = sdl_loss(logits, labels, soft, lam)
+                scaler.scale(loss / args.accum_steps).backward()
+            if args.sdl_refresh == "step":  # the paper: newest in, oldest out, every step; identical on all ranks
+                anchors.enqueue(features.detach(), logits.detach().float().softmax(-1), labels)
         sums += torch.stack([loss.detach() / args.accum_steps, ce / args.accum_steps, bce / args.accum_steps,
                              batch["replaced"].sum().float().to(device)])
         if not last_micro:
@@ -678,9 +830,12 @@ for epoch in range(start_epoch, args.epochs):
         optimizer.zero_grad(set_to_none=True)
         loss_value, ce_value, bce_value, replaced = sums.tolist()
         sums.zero_()
+        clips = (args.image_batch_size if modality == "image" else per_step) * world
         meter.update(loss=meter["loss"] + loss_value, ce=meter["ce"] + ce_value, bce=meter["bce"] + bce_value,
-                     steps=meter["steps"] + 1, clips=meter["clips"] + per_step * world, lr=scheduler.get_last_lr()[0],
+                     steps=meter["steps"] + 1, clips=meter["clips"] + clips, lr=scheduler.get_last_lr()[0],
                      replaced=meter["replaced"] + int(replaced))
+        meter[f"{modality}_loss"] += ce_value
+        meter[f"{modality}_steps"] += 1
         scheduler.step()
         step += 1
         elapsed = meter["seconds"] + time.perf_counter() - t0
@@ -707,6 +862,11 @@ for epoch in range(start_epoch, args.epochs):
                   bce=done["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
                   replaced=done["replaced"], clips_per_s=done["clips"] / max(done["seconds"], 1e-9),
                   seconds=done["seconds"])
+    if s4d_stage:  # the loss per modality (CE, or the reconstruction error), and the MoAE balance loss
+        del record["ce"], record["bce"], record["sdl_lambda"]
+        record.update({f"{m}_loss": done[f"{m}_loss"] / max(1, done[f"{m}_steps"]) for m in ("video", "image")})
+        if args.stage == "joint":
+            record["balance"] = done["bce"] / n
     if val is not None:
         record.update(val_uar=val["uar"], val_war=val["war"])
     log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -732,6 +892,12 @@ log(f"frozen check: the {len(frozen)} frozen tensors ({sum(p.numel() for p in fr
 del frozen
 
 # ----------------------------------------------------------------------------- test: last epoch and best on validation
+if args.stage == "mae":  # pre-training has no test: its result is the reconstruction error it reached
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1]) if master else {}
+    if master:
+        (out / "results.json").write_text(json.dumps({"last": last}, indent=2))
+    finish(0, f"done: {out}; last epoch's reconstruction loss: video {last.get('video_loss', float('nan')):.4f}, "
+              f"image {last.get('image_loss', float('nan')):.4f}; fine-tune it: --stage joint --init {out}/last.pt")
 results = {}
 for tag in ("last", "best"):
     epoch_of = args.epochs - 1 if tag == "last" else best["epoch"]
@@ -750,6 +916,11 @@ for tag in ("last", "best"):
     results[tag] = dict(epoch=epoch_of, **{k: test[k] for k in ("uar", "war", "recall", "macro_f1", "confusion")})
     log(f"\ntest, {tag} checkpoint (epoch {epoch_of}): UAR {test['uar']:.4f}  WAR {test['war']:.4f}")
     log(format_report(test, classes))
+    if s4d_stage:  # S4D's other task: the image test list, through the image head
+        images = evaluate(raw_model, None, image_test_ds, args.image_batch_size, device, workers=args.workers,
+                          amp=precision == "bf16")
+        results[tag]["image"] = {k: images[k] for k in ("uar", "war", "recall", "macro_f1", "confusion")}
+        log(f"test images ({args.image_dataset}), {tag} checkpoint: UAR {images['uar']:.4f}  WAR {images['war']:.4f}")
 if master:
     (out / "results.json").write_text(json.dumps(results, indent=2))
 final = results.get("best", results["last"])
