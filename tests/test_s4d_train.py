@@ -58,7 +58,8 @@ def test_mae_stage_trains_on_both_modalities(pretrained):
 
 
 def test_joint_stage_from_the_mae_checkpoint(demo, pretrained, tmp_path):
-    proc = run(demo, tmp_path / "joint", "--stage", "joint", "--init", str(pretrained[0] / "last.pt"))
+    recipe = ["--layer-decay", "0.75", "--mixup", "0.8", "--cutmix", "1.0"]  # the release's (the demo's are off)
+    proc = run(demo, tmp_path / "joint", "--stage", "joint", "--init", str(pretrained[0] / "last.pt"), *recipe)
     assert "[S4D pre-training (MAE) naming]" in proc.stdout and "unexpected (not loaded): none" in proc.stdout
     assert "5 video batches of 4 and 7 image batches of 8 (demo_image, class-balanced)" in proc.stdout
     log = log_of(tmp_path / "joint")
