@@ -70,7 +70,7 @@ RUN_DEFAULTS = {  # one value per kind, in KINDS order
     # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
     # layer decay; the authors publish no image-stage recipe); demo: measured (README). S4D joint: its 1e-5;
     # its MAE: lr 1.6e-3 x batch / 512 (batch = videos x 4 views) is blr 1e-4 x batch / 8 at 4 views
-    "blr": (1e-3, 3e-3, 5e-6, 1e-5, 3e-3, 3e-3, 1e-5, 1e-4),
+    "blr": (3e-4, 3e-3, 5e-6, 1e-5, 3e-3, 3e-3, 1e-5, 1e-4),
     "warmup_epochs": (1, 0.5, 2, 2, 0.5, 0.5, 5, 5),
     "sdl_start": (-1, 1, -1, 20, -1, -1, -1, -1),  # -1: no SDL. The release starts SDL after epoch 20
     "augment": ("flip", "none", "paper", "paper", "flip", "light", "paper", "light"),
