@@ -14,6 +14,10 @@ Real datasets sit in data/<NAME> (README, Datasets) and the start files in weigh
     torchrun --standalone --nproc_per_node=8 train.py --stage image --dataset affectnet7   # image stage, from MAE
     torchrun --standalone --nproc_per_node=8 train.py --dataset ferv39k                    # video stage
     torchrun --standalone --nproc_per_node=8 train.py --dataset dfew --fold 1              # folds 1-5, MAFW too
+S4D, the follow-up (README, S4D): dual-modal MAE pre-training, then joint image + video fine-tuning with MoAE:
+    python train.py --stage mae --dataset demo                                   # s4d_tiny on the demo, CPU
+    python train.py --stage joint --dataset demo --init runs/demo-mae/last.pt
+    torchrun --standalone --nproc_per_node=8 train.py --stage joint --dataset dfew --fold 1   # s4d_base, AffectNet-7
 Continue a stopped run (same world size for a bit-exact continuation):
     python train.py --resume runs/demo-video
 

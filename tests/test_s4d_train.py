@@ -103,3 +103,21 @@ def test_s4d_stage_options_are_checked(demo, tmp_path):
     assert wrong.returncode != 0 and "do not apply" in wrong.stderr
     wrong = run(demo, tmp_path / "z", "--stage", "video", "--model", "s4d_tiny", check=False)
     assert wrong.returncode != 0 and "--stage joint or mae" in wrong.stderr
+
+
+def test_both_stages_run_under_torchrun_on_two_processes(demo, pretrained, tmp_path):
+    """Each step takes one modality and one head, and an expert may get no token: DDP must not wait for them."""
+    for stage, extra in (("mae", []), ("joint", ["--init", str(pretrained[0] / "last.pt")])):
+        out = tmp_path / stage
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+               "--data-root", demo, "--out", str(out), *TINY, "--batch-size", "2", "--image-batch-size", "4",
+               "--stage", stage, "--device", "cpu", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "effective batch = 2 x 1 accum x 2 = 4" in proc.stdout
+        results = json.loads((out / "results.json").read_text())
+        assert results["last"]["epoch"] == 0
+        if stage == "joint":
+            assert 0 <= results["best"]["war"] <= 1 and 0 <= results["best"]["image"]["war"] <= 1
+        log = log_of(out)
+        assert log[-1]["video_loss"] > 0 and log[-1]["image_loss"] > 0
