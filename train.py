@@ -171,7 +171,9 @@ add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {b
 add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
 add("--augment", choices=("paper", "light", "flip", "none"),
     help="training augmentation. paper: RandAugment (m7, n4, mstd 0.5), random erasing 0.25, random resized crop and "
-         f"flip (README, Training); light: the crop and flip only; flip: the flip only (default: {by_kind('augment')})")
+         "flip (README, Training); light: the crop and flip only; flip: the flip only. S4D's stages take its "
+         "release's variants: joint, paper: videos crop scale 0.08-1, images a 160/192 crop and RandAugment m9 n2; "
+         f"mae, light: crop scale 0.2-1 and flip (README, S4D) (default: {by_kind('augment')})")
 add("--sdl-start", type=int,
     help=f"first epoch (0-based) with the SDL term, -1 for none (default: {by_kind('sdl_start')})")
 add("--lambda-schedule", default="linear", choices=SCHEDULES,
@@ -562,6 +564,14 @@ common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, imag
 views = data.eval_views(args.dataset)  # 2 temporal x 2 spatial views of a video (as released), as eval.py
 augment = {"paper": True, "light": data.Augment(randaugment=False, erase_p=0.0), "none": False,
            "flip": data.Augment(resized_crop=False, randaugment=False, erase_p=0.0)}[args.augment]
+image_augment = augment
+if s4d_stage and args.augment == "paper":  # S4D's release: its own crops and RandAugment per modality
+    augment = data.Augment(scale=(0.08, 1.0))  # videos: random resized crop 0.08-1, flip, RA m7 n4, erasing 0.25
+    # images: resize to 192 and a random 160 crop (a random square of (160/192)^2 of the face, resized), flip,
+    # RandAugment m9 (2 ops, timm's default), erasing 0.25
+    image_augment = data.Augment(scale=((160 / 192) ** 2,) * 2, ratio=(1.0, 1.0), ra_ops=2, ra_magnitude=9.0)
+if args.stage == "mae" and args.augment == "light":  # S4D's pre-training: random resized crop 0.2-1 and flip
+    augment = image_augment = data.Augment(scale=(0.2, 1.0), randaugment=False, erase_p=0.0)
 train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=augment, **common)
 val_ds = data.ClipDataset(val_samples, files.media_root, mode="eval", augment=False, **common, **views)
 test_ds = data.ClipDataset(test_samples, files.media_root, mode="eval", augment=False, **common, **views)
@@ -576,7 +586,8 @@ if steps_per_epoch == 0:
              f"batch-size x accum-steps = {per_step}; lower --batch-size")
 if s4d_stage:  # the images: class-balanced with replacement for fine-tuning (always), shuffled for pre-training
     image_common = dict(common, num_frames=1, sampling_rate=1)
-    image_ds = data.ClipDataset(image_train, image_files.media_root, mode="train", augment=augment, **image_common)
+    image_ds = data.ClipDataset(image_train, image_files.media_root, mode="train", augment=image_augment,
+                                **image_common)
     image_test_ds = data.ClipDataset(image_test, image_files.media_root, mode="eval", augment=False, **image_common,
                                      **data.eval_views(args.image_dataset))
     if args.stage == "joint":
