@@ -870,13 +870,15 @@ def write_video(path, frames, fps=25):
     """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        # one thread and no B-frames: x264's B-frame look-ahead (macroblock tree) coded the first key-frame interval
-        # differently from run to run, so the same seed gave other pixels; these options give the same bytes
+        # The same seed must give the same bytes. Two things varied from run to run: x264's B-frame look-ahead, and
+        # (now and then) the encoder's own RGB -> YUV conversion. So: one thread, no B-frames, and every frame
+        # converted to YUV 4:2:0 on its own before it reaches the encoder.
         options = {"crf": "12", "preset": "veryfast", "g": "8", "threads": "1", "x264-params": "bframes=0"}
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            container.mux(stream.encode(yuv))
         container.mux(stream.encode(None))
 
 
