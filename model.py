@@ -109,6 +109,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_linears_and_norms(module):
+    """Every Linear: weight truncated normal (std 0.02), bias 0; every LayerNorm: 1 / 0 (S2D's and S4D's ViTs)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def sincos_pos_embed(width, grid):
     """(1, grid*grid + 1, width): a zero row for CLS, then per patch (row r, column c) sin and cos of c and of r at
     width/4 frequencies 1 / 10000^(k / (width/4)), as MAE's ViT."""
@@ -147,14 +159,7 @@ class S2D(nn.Module):
 
     def _init_weights(self):
         """The released model's initialisation (README, The model); TMAs grown on an image model start so too."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
         for mcp in self.mcp if self.cfg.mcp else ():  # the release's MCP 1x1 convolutions: xavier-uniform
             for lin in (mcp.down_x, mcp.down_a, mcp.up):
                 nn.init.xavier_uniform_(lin.weight)
@@ -735,19 +740,14 @@ def tubelet_tokens(cfg, patch_embed, x):
 
 
 def init_vit(model):
-    """Linear weights truncated normal (std 0.02), biases 0, LayerNorms 1 / 0, the patch projection as a linear
-    layer (xavier-uniform on its flattened kernel), as VideoMAE; the experts start so too."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv3d):
+    """Linears and LayerNorms as S2D's (the experts start so too), and the tubelet projection as a linear layer:
+    xavier-uniform on its flattened kernel, as MAE initialises its patch projection (our choice; a checkpoint
+    replaces it)."""
+    for m in model.modules():  # the tubelet projection comes first in both S4D models, so it is initialised first
+        if isinstance(m, nn.Conv3d):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
             nn.init.zeros_(m.bias)
+    init_linears_and_norms(model)
 
 
 def parameter_parts(model):
