@@ -563,10 +563,12 @@ def eval_views(dataset):
 class ClipDataset(torch.utils.data.Dataset):
     """Model-ready clips. mode='train': one augmented clip per sample, a clip that fails to decode is logged and
     replaced by the next readable one (item['replaced']); mode='eval': temporal_views x spatial_crops views per
-    sample, never substituted (ClipError names the path). Still images give T = 1 and one temporal view."""
+    sample, never substituted (ClipError names the path). Still images give T = 1 and one temporal view.
+    train_views > 1 (S4D's pre-training): items k * train_views .. + train_views - 1 are augmented views of clip k,
+    each with its own frames, crop and augmentation."""
 
     def __init__(self, samples, media_root, mode="train", num_frames=16, image_size=224, sampling_rate=1,
-                 temporal_views=2, spatial_crops=2, augment=True, seed=0):
+                 temporal_views=2, spatial_crops=2, augment=True, seed=0, train_views=1):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode {mode!r}, expected 'train' or 'eval'")
         self.samples, self.media_root, self.mode = list(samples), media_root, mode
@@ -574,10 +576,11 @@ class ClipDataset(torch.utils.data.Dataset):
         self.num_frames, self.temporal_views = (1, 1) if still else (num_frames, temporal_views)
         self.image_size, self.sampling_rate, self.spatial_crops = image_size, sampling_rate, spatial_crops
         self.augment = Augment() if augment is True else (augment or None)
-        self.seed, self.epoch, self._last = seed, 0, (None, None)
+        self.seed, self.epoch, self._last, self.train_views = seed, 0, (None, None), train_views
 
     def __len__(self):
-        return len(self.samples) * (self.temporal_views * self.spatial_crops if self.mode == "eval" else 1)
+        views = self.temporal_views * self.spatial_crops if self.mode == "eval" else self.train_views
+        return len(self.samples) * views
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -596,9 +599,10 @@ class ClipDataset(torch.utils.data.Dataset):
             video = eval_view(self._last[1], self.image_size, crop, self.spatial_crops)
             return dict(video=video, label=self.samples[clip].label, index=clip,
                         view=i % (self.temporal_views * self.spatial_crops), replaced=False)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, self.epoch, i])  # each view of a clip draws its own
+        first = i // self.train_views
         for k in range(min(len(self.samples), 16)):
-            clip = (i + k) % len(self.samples)
+            clip = (first + k) % len(self.samples)
             try:
                 pick = lambda n: train_indices(n, self.num_frames, self.sampling_rate, rng)  # noqa: E731
                 frames = load_clip(self.samples[clip], self.media_root, pick)
@@ -606,8 +610,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 log.warning("training clip %d failed, trying the next one: %s", clip, err)
                 continue
             return dict(video=train_view(frames, self.image_size, self.augment, rng), label=self.samples[clip].label,
-                        index=clip, view=0, replaced=k > 0)
-        raise ClipError(f"{self.samples[i].path}: it and the next {k} clips all failed to decode")
+                        index=clip, view=i % self.train_views, replaced=k > 0)
+        raise ClipError(f"{self.samples[first].path}: it and the next {k} clips all failed to decode")
 
 
 class ClassBalancedSampler(torch.utils.data.Sampler):

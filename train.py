@@ -157,6 +157,8 @@ s4d.add_argument("--smoothing", type=float, default=0.1, help="joint: label smoo
 s4d.add_argument("--routing", default="release", choices=("release", "plain"),
                  help="MoAE router in training: release: noisy logits and a per-expert capacity, as released; "
                       "plain: as in evaluation (evaluation is always plain)")
+s4d.add_argument("--views", type=int, help="mae: augmented views of each clip, side by side in its batch (default 4, "
+                                          "the release's; demo 1)")
 s4d.add_argument("--image-mask", type=float, default=0.9, help="mae: share of an image's tokens hidden")
 s4d.add_argument("--video-mask", type=float, default=0.95, help="mae: share of a clip's tokens hidden (random)")
 add("--oversample", action="store_true", help="class-balanced sampling (trades WAR for UAR, paper Tables IX-X)")
@@ -392,6 +394,9 @@ else:
         for name, recipe, tiny in (("mixup", 0.8, 0.0), ("cutmix", 1.0, 0.0), ("layer_decay", 0.75, 1.0)):
             if getattr(args, name) is None:
                 setattr(args, name, tiny if demo else recipe)
+        if args.views is not None and args.stage != "mae":
+            parser.error("--views belongs to --stage mae")
+        args.views = args.views or (1 if demo or args.stage != "mae" else 4)
     elif args.image_dataset or args.image_data_root or args.image_batch_size or args.image_share is not None:
         parser.error("--image-dataset, --image-data-root, --image-batch-size and --image-share belong to --stage "
                      "joint / mae")
@@ -572,13 +577,16 @@ if s4d_stage and args.augment == "paper":  # S4D's release: its own crops and Ra
     image_augment = data.Augment(scale=((160 / 192) ** 2,) * 2, ratio=(1.0, 1.0), ra_ops=2, ra_magnitude=9.0)
 if args.stage == "mae" and args.augment == "light":  # S4D's pre-training: random resized crop 0.2-1 and flip
     augment = image_augment = data.Augment(scale=(0.2, 1.0), randaugment=False, erase_p=0.0)
-train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=augment, **common)
+views_per_clip = getattr(args, "views", None) or 1  # S4D's pre-training: several views of each clip per batch
+train_ds = data.ClipDataset(train_samples, files.media_root, mode="train", augment=augment, train_views=views_per_clip,
+                            **common)
 val_ds = data.ClipDataset(val_samples, files.media_root, mode="eval", augment=False, **common, **views)
 test_ds = data.ClipDataset(test_samples, files.media_root, mode="eval", augment=False, **common, **views)
 if args.oversample:
     sampler = data.ClassBalancedSampler([s.label for s in train_samples], num_replicas=world, rank=rank, seed=args.seed)
 else:
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(train_samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)  # over the clips (a clip's views go into one batch together)
 per_step = args.batch_size * args.accum_steps  # clips per process and optimizer step
 video_steps = steps_per_epoch = len(sampler) // per_step
 if steps_per_epoch == 0:
@@ -615,7 +623,9 @@ def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None
     order_of.set_epoch(epoch)
     dataset.set_epoch(epoch)
     order = list(order_of)[skip_steps * batch_size * args.accum_steps: steps * batch_size * args.accum_steps]
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=args.workers,
+    views = dataset.train_views  # 1, or S4D pre-training's views of each clip, side by side
+    order = [k * views + v for k in order for v in range(views)]
+    return DataLoader(dataset, batch_size=batch_size * views, sampler=order, num_workers=args.workers,
                       pin_memory=use_cuda, worker_init_fn=ignore_sigint,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
@@ -692,7 +702,8 @@ log(f"{world} process(es) on {device}, {precision}; effective batch = {args.batc
 log(f"data: {len(train_samples)} train / {len(val_samples)} validation / {len(test_samples)} test clips, "
     f"{len(classes)} classes")
 if s4d_stage:
-    log(f"S4D {args.stage}: every epoch takes {schedule.steps['video']} video batches of {args.batch_size} and "
+    log(f"S4D {args.stage}: every epoch takes {schedule.steps['video']} video batches of {args.batch_size}"
+        f"{f' clips x {views_per_clip} views' if views_per_clip > 1 else ''} and "
         f"{schedule.steps['image']} image batches of {args.image_batch_size} ({args.image_dataset}, "
         f"{'class-balanced' if args.stage == 'joint' else 'shuffled'}), in a seeded order; the whole model trains")
 elif scope == "all":

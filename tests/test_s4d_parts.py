@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import data
 from data import JointSchedule
 from loss import MixCut, soft_target_ce, soft_targets
 
@@ -199,3 +200,15 @@ def test_joint_schedule_empty_raises():
         JointSchedule(0, 0)
     with pytest.raises(ValueError, match="image_steps=1, image_share=0.5"):
         JointSchedule(0, 1, image_share=0.5)  # int(0.5 * 1) == 0 image steps
+
+
+def test_train_views_are_augmented_views_of_one_clip(tmp_path):
+    demo = data.make_demo(tmp_path / "demo", num_clips=14, workers=1)
+    samples = data.read_split("demo", data.dataset_files("demo", demo).train)[:3]
+    ds = data.ClipDataset(samples, demo, mode="train", num_frames=4, image_size=112, sampling_rate=2,
+                          augment=data.Augment(scale=(0.2, 1.0), randaugment=False, erase_p=0.0), train_views=2)
+    assert len(ds) == 6
+    items = [ds[i] for i in range(6)]
+    assert [it["index"] for it in items] == [0, 0, 1, 1, 2, 2] and [it["view"] for it in items] == [0, 1] * 3
+    assert [it["label"] for it in items[::2]] == [s.label for s in samples]
+    assert not torch.equal(items[0]["video"], items[1]["video"])  # its own crop and frames

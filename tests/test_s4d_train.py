@@ -51,6 +51,7 @@ def test_mae_stage_trains_on_both_modalities(pretrained):
         assert r["video_loss"] > 0 and r["image_loss"] > 0  # both modalities took steps
     assert log[1]["loss"] < log[0]["loss"]  # the reconstruction error falls
     assert "7 video batches of 4 and 14 image batches of 8" in proc.stdout  # no validation split: every clip
+    assert "2 views" not in proc.stdout  # the demo's default: one view per clip
     results = json.loads((out / "results.json").read_text())
     assert results["last"]["epoch"] == 1 and not (out / "best.pt").exists()
     state = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -121,3 +122,10 @@ def test_both_stages_run_under_torchrun_on_two_processes(demo, pretrained, tmp_p
             assert 0 <= results["best"]["war"] <= 1 and 0 <= results["best"]["image"]["war"] <= 1
         log = log_of(out)
         assert log[-1]["video_loss"] > 0 and log[-1]["image_loss"] > 0
+
+
+def test_mae_views_go_side_by_side(demo, tmp_path):
+    proc = run(demo, tmp_path / "views", "--stage", "mae", "--views", "2", "--stop-after-steps", "3")
+    assert "7 video batches of 4 clips x 2 views and 14 image batches of 8" in proc.stdout
+    wrong = run(demo, tmp_path / "no", "--stage", "joint", "--views", "2", check=False)
+    assert wrong.returncode != 0 and "--views belongs to --stage mae" in wrong.stderr
