@@ -383,8 +383,7 @@ def load_model(path, device, show=print):
                          f"train.py --stage joint --init {path}")
     if kind == "classifier":  # S4D: its recorded config, else the architecture its tensors show
         try:
-            state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-            cfg = s4d_config_from_state_dict(state, config if isinstance(config, dict) else None)
+            cfg = s4d_config_from_state_dict(ckpt, config if isinstance(config, dict) else None)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
         model = S4D(cfg)

@@ -907,9 +907,10 @@ def s4d_kind(checkpoint):
 
 
 def s4d_config_from_state_dict(sd, recorded=None) -> S4DConfig:
-    """The S4D architecture of a state dict (ours or the release's); `recorded` (a config train.py saved) fills
-    in what the tensors cannot say (input size, frames), else the preset of the same width and depth does."""
-    sd, _, _ = s4d_to_ours(sd, pretrain=False)
+    """The S4D architecture of a checkpoint or state dict (ours or the release's); `recorded` (a config train.py
+    saved) fills in what the tensors cannot say (input size, frames), else the preset of the same width and depth
+    does."""
+    sd, _, _ = s4d_to_ours(_unwrap(sd, "<state dict>"), pretrain=False)
     C, _, t, p, _ = sd["patch_embed.proj.weight"].shape
     depth = len(_block_ids(sd))
     moae = sorted({int(k.split(".")[1]) for k in sd if ".moae." in k})
