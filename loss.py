@@ -44,11 +44,24 @@ def _gather_from_ranks(*tensors):
     return gathered
 
 
+def _unit(x):
+    """Rows of x scaled to unit length along the last axis; zero rows stay zero (F.normalize's eps 1e-12)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+@torch.no_grad()
+def _unit_features_after_load(module, incompatible_keys):
+    module.features.copy_(_unit(module.features))
+
+
 class EmotionAnchors(nn.Module):
     """Per-class FIFO queues of features and probabilities, kept as buffers (so they are checkpointed).
 
     Storage: class c's queue fills from the right. Its `count[c]` valid entries sit at positions
     Q - count[c] .. Q - 1, oldest first, newest at position Q - 1; the other slots hold zeros.
+    Features are stored scaled to unit length: Eq. (16) uses only their directions, and so each step's
+    similarity is one matrix product divided by the batch's norms. Loading a state dict with raw features
+    (an older checkpoint of ours) scales them on load.
     """
 
     def __init__(self, num_classes, dim, queue_size=16, k=2, init="empty"):
@@ -61,14 +74,15 @@ class EmotionAnchors(nn.Module):
         shape_f, shape_p = (num_classes, queue_size, dim), (num_classes, queue_size, num_classes)
         if init == "random":
             # The release: uniform [0, 1) values in every slot, all of them valid from the start
-            # (its probability queue is not normalised either).
-            self.register_buffer("features", torch.rand(shape_f))
+            # (its probability queue is not normalised either); the features stored at unit length.
+            self.register_buffer("features", _unit(torch.rand(shape_f)))
             self.register_buffer("probs", torch.rand(shape_p))
             self.register_buffer("count", torch.full((num_classes,), queue_size, dtype=torch.long))
         else:
             self.register_buffer("features", torch.zeros(shape_f))
             self.register_buffer("probs", torch.zeros(shape_p))
             self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+        self.register_load_state_dict_post_hook(_unit_features_after_load)
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, dim={self.dim}, queue_size={self.queue_size}, k={self.k}"
@@ -83,26 +97,31 @@ class EmotionAnchors(nn.Module):
         """features (B, D) -> soft labels (B, C), or None while every queue is empty.
 
         None means the soft label is undefined: sdl_loss then falls back to CE alone.
+        Written for speed (it runs every step, README "Data loading speed" table): few, large tensor operations.
         """
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(
                 f"EmotionAnchors.soft_labels: features (B, D) = {tuple(features.shape)}, expected D={self.dim}"
             )
-        if int(self.count.sum()) == 0:
+        counts = self.count.tolist()  # one read of C numbers; says whether masking is needed at all
+        if sum(counts) == 0:
             return None
         B, C, Q = features.shape[0], self.num_classes, self.queue_size
-        f, anchors = features.detach().float(), self.features.reshape(C * Q, self.dim)  # (B, D), (C*Q, D)
-        # Eq. (16) cosine similarity: one matrix product, then divided by the norms (F.normalize's eps 1e-12)
-        norms = torch.outer(f.norm(dim=-1).clamp(min=1e-12), anchors.norm(dim=-1).clamp(min=1e-12))  # (B, C*Q)
-        sims = (f @ anchors.T / norms).reshape(B, C, Q)
-        # Empty slots get -inf, so top-k picks every real entry first; a class with fewer than k entries
-        # (or none yet) yields -inf picks, which get weight 0 below: an empty class contributes nothing.
-        sims = sims.masked_fill(~self.valid(), float("-inf"))
+        f = features.detach().float()  # (B, D)
+        # Eq. (16) cosine similarity: one matrix product with the unit-length queue entries, divided by |f|
+        # (F.normalize's eps 1e-12)
+        anchors = self.features.reshape(C * Q, self.dim)  # (C*Q, D), unit length (or 0: an empty slot)
+        sims = torch.mm(f, anchors.T).div_(f.norm(dim=-1, keepdim=True).clamp_(min=1e-12)).reshape(B, C, Q)
+        full = min(counts) == Q
+        if not full:
+            # Empty slots get -inf, so top-k picks every real entry first; a class with fewer than k entries
+            # (or none yet) yields -inf picks, which get weight 0 below: an empty class contributes nothing.
+            sims.masked_fill_(~self.valid(), float("-inf"))
         top, idx = sims.topk(min(self.k, Q), dim=-1, sorted=False)  # Eq. (17) top-k per class, (B, C, k)
-        w = _weights(top)  # (B, C, k)
+        w = _weights(top, full)  # (B, C, k)
         # Eq. (18): every picked slot's weight in a (B, C*Q) map, times the stored probabilities (C*Q, C)
         slots = torch.zeros(B, C, Q, device=w.device).scatter_(2, idx, w).reshape(B, C * Q)
-        return slots @ self.probs.reshape(C * Q, C) / w.sum(dim=(1, 2))[:, None]
+        return torch.mm(slots, self.probs.reshape(C * Q, C)).div_(w.sum(dim=(1, 2))[:, None])
 
     @torch.no_grad()
     def enqueue(self, features, probs, labels):
@@ -117,7 +136,8 @@ class EmotionAnchors(nn.Module):
                 f"EmotionAnchors.enqueue: features {tuple(features.shape)}, probs {tuple(probs.shape)}, "
                 f"expected ({B}, {self.dim}) and ({B}, {self.num_classes})"
             )
-        features, probs, labels = _gather_from_ranks(features.detach().float(), probs.detach().float(), labels.long())
+        features, probs, labels = _gather_from_ranks(_unit(features.detach().float()), probs.detach().float(),
+                                                     labels.long())
         Q, dev = self.queue_size, self.features.device
         features, probs, labels = features.to(dev), probs.to(dev), labels.to(dev)
         onehot = F.one_hot(labels, self.num_classes)  # (B, C)
@@ -138,8 +158,9 @@ class EmotionAnchors(nn.Module):
         self.count.copy_((self.count + n_new).clamp(max=Q))
 
 
-def _weights(top):
-    """Eq. (18)'s weights s of the picked entries, top (B, C, k) with -inf for a pick that is no entry.
+def _weights(top, full=False):
+    """Eq. (18)'s weights s of the picked entries, top (B, C, k) with -inf for a pick that is no entry (none when
+    `full`: every queue holds Q entries).
 
     Cosine similarities can be negative, and then the paper's ratio can leave [0, 1] or divide by ~0.
     Rule: weights are the similarities clamped at 0, so y~ = sum s p / sum s is a convex combination of stored
@@ -147,10 +168,11 @@ def _weights(top):
     plain mean of its picked real entries instead (weight 1 each). Where all similarities are positive this is
     the paper's formula unchanged.
     """
-    real = torch.isfinite(top)
-    w = torch.where(real, top.clamp(min=0), torch.zeros_like(top))
+    w = top.clamp(min=0)  # a -inf pick (no entry) becomes 0 here
     fallback = w.sum(dim=(1, 2), keepdim=True) <= _EPS  # (B, 1, 1)
-    return torch.where(fallback, real.to(w.dtype), w)
+    if full:
+        return w.masked_fill_(fallback, 1.0)
+    return torch.where(fallback, torch.isfinite(top).to(w.dtype), w)
 
 
 def sdl_loss(logits, labels, soft, lam):
@@ -162,7 +184,7 @@ def sdl_loss(logits, labels, soft, lam):
     if soft is None:
         return ce, ce.detach(), torch.zeros((), device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits.float(), soft.to(logits.device))  # Eq. (20), mean over B*C
-    return ce + lam * bce, ce.detach(), bce.detach()  # Eq. (21)
+    return torch.add(ce, bce, alpha=lam), ce.detach(), bce.detach()  # Eq. (21): ce + lam * bce
 
 
 def lambda_at(epoch_float, schedule="linear", start_epoch=0, ramp_epochs=0, total_epochs=100):

@@ -97,24 +97,62 @@ def test_sdl_empty_queues_give_none_and_ce_only():
 
 
 def test_fifo_order_and_state_dict():
-    anchors = EmotionAnchors(3, 1, queue_size=3, k=2)
+    # Each sample carries its id in its probability row (stored as given) and a feature (id, 1) (stored at unit
+    # length), so both queues can be read back in order.
+    anchors = EmotionAnchors(3, 2, queue_size=3, k=2)
     ids = iter(range(1, 100))
     ref = [deque(maxlen=3) for _ in range(3)]
     for labels in ([0, 1, 0], [0], [], [0, 0, 0, 0, 2], [1, 0]):
-        feats = torch.tensor([float(next(ids)) for _ in labels]).reshape(-1, 1)  # (B, 1)
-        anchors.enqueue(feats, torch.zeros(len(labels), 3), torch.tensor(labels, dtype=torch.long))
-        for f, y in zip(feats[:, 0].tolist(), labels, strict=True):
-            ref[y].append(f)
+        batch = torch.tensor([float(next(ids)) for _ in labels])  # (B,)
+        feats = torch.stack([batch, torch.ones_like(batch)], dim=1)  # (B, 2)
+        probs = torch.stack([batch, torch.zeros_like(batch), torch.zeros_like(batch)], dim=1)  # (B, 3)
+        anchors.enqueue(feats, probs, torch.tensor(labels, dtype=torch.long))
+        for i, y in zip(batch.tolist(), labels, strict=True):
+            ref[y].append(i)
         for c in range(3):
             n = int(anchors.count[c])
-            assert anchors.features[c, 3 - n :, 0].tolist() == list(ref[c])  # oldest first, newest last
-            assert anchors.features[c, : 3 - n].abs().sum() == 0
+            assert anchors.probs[c, 3 - n :, 0].tolist() == list(ref[c])  # oldest first, newest last
+            expected = F.normalize(torch.tensor([[i, 1.0] for i in ref[c]]).reshape(-1, 2), dim=-1)
+            torch.testing.assert_close(anchors.features[c, 3 - n :], expected)
+            assert anchors.features[c, : 3 - n].abs().sum() == 0 and anchors.probs[c, : 3 - n].abs().sum() == 0
     assert [list(q) for q in ref] == [[7.0, 8.0, 11.0], [2.0, 10.0], [9.0]]
     state = anchors.state_dict()
     assert set(state) == {"features", "probs", "count"}
-    clone = EmotionAnchors(3, 1, queue_size=3, k=2)
+    clone = EmotionAnchors(3, 2, queue_size=3, k=2)
     clone.load_state_dict(state)
-    torch.testing.assert_close(clone.soft_labels(torch.ones(2, 1)), anchors.soft_labels(torch.ones(2, 1)))
+    x = torch.randn(2, 2)
+    torch.testing.assert_close(clone.soft_labels(x), anchors.soft_labels(x))
+
+
+def test_raw_features_in_a_state_dict_are_scaled_on_load():
+    """A state dict whose queue features are not unit length (written before they were stored so) gives the
+    same soft labels as the queue built by enqueue."""
+    anchors = EmotionAnchors(2, 4, queue_size=2, k=1)
+    feats, probs = 3 * torch.randn(4, 4), torch.softmax(torch.randn(4, 2), -1)
+    anchors.enqueue(feats, probs, torch.tensor([0, 1, 0, 1]))
+    state = dict(anchors.state_dict())
+    state["features"] = state["features"] * torch.tensor([2.0, 5.0])[:, None, None]  # raw lengths
+    clone = EmotionAnchors(2, 4, queue_size=2, k=1)
+    clone.load_state_dict(state)
+    torch.testing.assert_close(clone.features.norm(dim=-1), torch.ones(2, 2))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(clone.soft_labels(x), anchors.soft_labels(x))
+
+
+def test_full_queues_fall_back_to_plain_mean_of_the_picks():
+    """Every queue full (no empty slot to mask): a sample with all picked similarities <= 0 takes the plain mean
+    of its k picks per class, a sample with positive ones the paper's weighted mean."""
+    anchors = EmotionAnchors(2, 2, queue_size=2, k=1)
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    anchors.enqueue(feats, probs, torch.tensor([0, 0, 1, 1]))
+    assert anchors.valid().all()
+    soft = anchors.soft_labels(torch.tensor([[-1.0, -1.0], [1.0, 0.0]]))
+    # sample 0: every similarity < 0; the top-1 per class is the entry least opposed: (1, 0.1) and (0.1, 1)
+    torch.testing.assert_close(soft[0], (probs[1] + probs[3]) / 2)
+    # sample 1: top-1 per class (1, 0) with cosine 1 and (0.1, 1) with cosine 0.1 / |(0.1, 1)|
+    s = torch.tensor([1.0, 0.1 / 1.01**0.5])
+    torch.testing.assert_close(soft[1], (s[0] * probs[0] + s[1] * probs[3]) / s.sum())
 
 
 def test_random_init_is_full_and_valid():
