@@ -97,7 +97,7 @@ class EmotionAnchors(nn.Module):
         """features (B, D) -> soft labels (B, C), or None while every queue is empty.
 
         None means the soft label is undefined: sdl_loss then falls back to CE alone.
-        Written for speed (it runs every step, README "Data loading speed" table): few, large tensor operations.
+        Written for speed (it runs every step; README, Data loading speed, has its time): few tensor operations.
         """
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(

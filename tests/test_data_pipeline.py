@@ -190,6 +190,38 @@ def test_sharpness_filter_and_autocontrast_match_references():
                                                                                          torch.ones(3, 3))
 
 
+def test_colour_ops_match_their_plain_formulas():
+    """The colour ops are written with fused, in-place steps for speed; each equals the textbook formula on
+    frames that hold uint8 levels (as decoded frames do), and maps [0, 1] into [0, 1]."""
+    x = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (3, 3, 9, 11), np.uint8)).float() / 255
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    blend = lambda other, f: (other + (x - other) * f).clamp(0, 1)  # noqa: E731
+    for v in (-0.7, -0.2, 0.3, 0.9):
+        f, bits = 1 + 0.9 * v, int(4 * abs(v))
+        refs = {"brightness": blend(torch.zeros_like(x), f), "contrast": blend(gray.mean((1, 2, 3), keepdim=True), f),
+                "color": blend(gray, f), "sharpness": blend(data._smooth(x), f),
+                "posterize": torch.floor(x * 255 / 2**bits) * 2**bits / 255,
+                "solarize": torch.where(x >= 1 - abs(v), 1 - x, x)}
+        for name, ref in refs.items():
+            got = data._COLOUR_OPS[name](x.clone(), v)
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6, msg=f"{name} at v={v}")
+            assert got.min() >= 0 and got.max() <= 1, name
+
+
+def test_resize_in_uint8_is_within_one_level_of_float():
+    """_resize works in uint8 (as PIL and torchvision do): each value within one level of the float resize,
+    enlarging and shrinking (antialiased)."""
+    frames = np.random.default_rng(5).integers(0, 256, (2, 50, 40, 3), np.uint8)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    for box, size, shrink in (((5, 3, 30, 28), 48, False), ((0, 0, 50, 40), 24, True)):
+        top, left, h, w = box
+        ref = torch.nn.functional.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=shrink)
+        got = data._resize(frames, box, size)
+        assert got.dtype == torch.uint8 and got.shape == (2, 3, size, size)
+        assert (got.float() - ref).abs().max() <= 1.0
+
+
 class _FlipRng:
     """Stands in for the numpy generator: draws 0.0, so a p = 0.5 flip always happens."""
 
