@@ -250,3 +250,20 @@ def test_folded_batchnorm_gives_the_unfolded_networks_features_and_points(tmp_pa
     with torch.no_grad():
         want = plain.features(video.transpose(1, 2).reshape(6, 3, 112, 112))
     torch.testing.assert_close(folded(video), want.reshape(feats.shape), rtol=0, atol=1e-4)
+
+
+def test_frames_in_chunks_give_what_one_pass_gives(monkeypatch):
+    """On CPU the frames go through the network a few at a time (cache-sized chunks); results, features and
+    points, and their order, are those of one pass over all frames."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained detector's warning
+        lm = LandmarkFeatures(preset="mobilefacenet_tiny")
+    assert lm.chunk_frames() == 16  # 32 channels at 56 x 56 in float32: 401,408 bytes a frame
+    video = torch.randn(2, 3, 5, 112, 112)
+    monkeypatch.setattr(landmarks, "CHUNK_BYTES", 10**12)  # all 10 frames in one pass
+    want_feats, want_points = lm(video, return_points=True)
+    monkeypatch.setattr(landmarks, "CHUNK_BYTES", 3 * 401_408)  # 3 frames a pass: chunks of 3, 3, 3, 1
+    assert lm.chunk_frames() == 3
+    feats, points = lm(video, return_points=True)
+    torch.testing.assert_close(feats, want_feats, rtol=0, atol=1e-5)
+    torch.testing.assert_close(points, want_points, rtol=0, atol=1e-5)
