@@ -277,7 +277,7 @@ def decode_image(path, rgb=None):
         raise ClipError(f"{path}: corrupt image data ({type(err).__name__}: {err})") from None
     if not frames:
         raise ClipError(f"{path}: no image could be decoded")
-    return (rgb or VideoReformatter()).reformat(frames[0], format="rgb24").to_ndarray()
+    return (rgb or VideoReformatter()).reformat(frames[0], format="rgb24", threads=1).to_ndarray()
 
 
 def _read_video(path, pick):
@@ -300,7 +300,7 @@ def _read_video(path, pick):
                     break  # not one frame period apart: the frame numbers cannot be trusted
                 k = round((frame.pts - start) / step)
                 if k in wanted:
-                    got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    got[k] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
                 if k >= max(wanted):
                     break
             if got.keys() >= set(wanted):
@@ -311,7 +311,7 @@ def _read_video(path, pick):
         got = {}
         for k, frame in enumerate(container.decode(stream)):
             if k in wanted:
-                got[k] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                got[k] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
             if k >= max(wanted):
                 break
     if not got.keys() >= set(wanted):
@@ -881,7 +881,7 @@ def write_frames(folder, frames, names=None):
     codec.width, codec.height, codec.pix_fmt, codec.time_base = frames.shape[2], frames.shape[1], "yuvj420p", 1
     codec.options = {"qmin": "1", "qmax": "3"}
     for k, frame in enumerate(frames, 1):
-        packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p"))
+        packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p", threads=1))
         (folder / f"{names[k - 1] if names else k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
 
 
@@ -889,14 +889,15 @@ def write_video(path, frames, fps=25):
     """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        # The same seed must give the same bytes. Two things varied from run to run: x264's B-frame look-ahead, and
-        # (now and then) the encoder's own RGB -> YUV conversion. So: one thread, no B-frames, and every frame
-        # converted to YUV 4:2:0 on its own before it reaches the encoder.
+        # The same seed must give the same bytes. Things that varied from run to run: x264's B-frame look-ahead, the
+        # encoder's own RGB -> YUV conversion (now and then), and once one frame of one clip (swscale, threaded by
+        # default, is the suspect). So: x264 on one thread without B-frames, and every frame converted to YUV 4:2:0
+        # on its own, on one thread, before it reaches the encoder.
         options = {"crf": "12", "preset": "veryfast", "g": "8", "threads": "1", "x264-params": "bframes=0"}
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
-            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", threads=1)
             container.mux(stream.encode(yuv))
         container.mux(stream.encode(None))
 

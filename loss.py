@@ -51,7 +51,11 @@ def _unit(x):
 
 @torch.no_grad()
 def _unit_features_after_load(module, incompatible_keys):
-    module.features.copy_(_unit(module.features))
+    """Scale loaded queue features that are not unit length (raw ones, of an older checkpoint); rows already of
+    unit length (within 1e-5) and empty slots stay bit for bit as saved, so a resumed run equals an unbroken one."""
+    norms = module.features.norm(dim=-1, keepdim=True)
+    raw = ((norms - 1).abs() > 1e-5) & (norms > 0)
+    module.features.copy_(torch.where(raw, module.features / norms.clamp(min=1e-12), module.features))
 
 
 class EmotionAnchors(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import loss
 from loss import EmotionAnchors, lambda_at, sdl_loss
 
 
@@ -128,7 +129,8 @@ def test_raw_features_in_a_state_dict_are_scaled_on_load():
     """A state dict whose queue features are not unit length (written before they were stored so) gives the
     same soft labels as the queue built by enqueue."""
     anchors = EmotionAnchors(2, 4, queue_size=2, k=1)
-    feats, probs = 3 * torch.randn(4, 4), torch.softmax(torch.randn(4, 2), -1)
+    gen = torch.Generator().manual_seed(0)
+    feats, probs = 3 * torch.randn(4, 4, generator=gen), torch.softmax(torch.randn(4, 2, generator=gen), -1)
     anchors.enqueue(feats, probs, torch.tensor([0, 1, 0, 1]))
     state = dict(anchors.state_dict())
     state["features"] = state["features"] * torch.tensor([2.0, 5.0])[:, None, None]  # raw lengths
@@ -137,6 +139,12 @@ def test_raw_features_in_a_state_dict_are_scaled_on_load():
     torch.testing.assert_close(clone.features.norm(dim=-1), torch.ones(2, 2))
     x = torch.randn(3, 4)
     torch.testing.assert_close(clone.soft_labels(x), anchors.soft_labels(x))
+    # a state dict of unit-length features (as saved by this version) loads bit for bit: resuming changes nothing
+    # (scaling them again would change some bits, as it would here)
+    assert not torch.equal(loss._unit(anchors.features), anchors.features)
+    again = EmotionAnchors(2, 4, queue_size=2, k=1)
+    again.load_state_dict(anchors.state_dict())
+    assert torch.equal(again.features, anchors.features)
 
 
 def test_full_queues_fall_back_to_plain_mean_of_the_picks():
