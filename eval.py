@@ -312,8 +312,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass, per process (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (default 2)")
     p.add_argument("--temporal-views", type=int, help="temporal windows per clip (default 2; images 1)")
-    p.add_argument("--spatial-crops", type=int, help="spatial crops per window (default 2; images 1)")
-    p.add_argument("--out", help="write per-clip predictions to this CSV (index, path, label, pred, prob per class)")
+    p.add_argument("--spatial-crops", type=int, help="spatial crops per window (default 2; images and the demo 1)")
+    p.add_argument("--out", help="write per-clip predictions to this CSV (fold, index, path, label, pred, "
+                                 "prob per class)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (by default: one line)")
@@ -395,7 +396,7 @@ def load_model(path, device, show=print):
         except (ValueError, KeyError) as err:
             raise ValueError(f"{path}: {err}") from None
         model = S2D(cfg)
-    report = load_checkpoint(model, ckpt, verbose=False)
+    report = load_checkpoint(model, ckpt, verbose=False, source=str(path))
     if report.missing or report.mismatched:
         raise ValueError(f"{path}: does not fit the model it describes ({cfg}):\n{report}")
     show(report)

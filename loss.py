@@ -12,6 +12,7 @@ Release: queues start as uniform random values and are never refreshed (`init="r
 caller simply never calls enqueue); lambda follows epoch steps (`schedule="release"`).
 """
 
+import argparse
 import math
 import time
 
@@ -333,5 +334,20 @@ def soft_target_ce(logits, target):
     return (-target.to(logits.device) * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Time one SDL step (soft labels, Eq. 16-18, and the loss, Eq. 19-21, "
+                                                 "forward and backward) on full queues, 1 thread.")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 512], help="batch sizes (default 64 512)")
+    parser.add_argument("--num-classes", type=int, default=7)
+    parser.add_argument("--dim", type=int, default=768, help="feature dimension")
+    parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is printed")
+    parser.add_argument("--steps", type=int, default=200, help="steps per repeat")
+    args = parser.parse_args(argv)
+    if min(args.batches + [args.num_classes, args.dim, args.queue_size, args.repeats, args.steps]) < 1:
+        parser.error("every size and count must be at least 1")
+    bench(tuple(args.batches), args.num_classes, args.dim, args.queue_size, args.repeats, args.steps)
+
+
 if __name__ == "__main__":
-    bench()
+    main()

@@ -530,7 +530,8 @@ if args.init and not args.resume:
         init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith(drop)}}
         log(f"--init {args.init}: its classes {list(init_classes)} are not --dataset {args.dataset}'s "
             f"{list(classes)}, so its classifier is not loaded: the head starts afresh")
-    report = load_checkpoint(model, init, source=args.init)
+    report = load_checkpoint(model, init, verbose=False, source=args.init)
+    log(report)
     del init
     # what this stage cannot start without: the video stage freezes everything but its set, so all of that must
     # come from the checkpoint; the image stage fine-tunes the ViT, which must come from it
