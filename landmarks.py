@@ -671,7 +671,7 @@ def main(argv=None):
     parser.add_argument("--weights", help="MobileFaceNet-68 checkpoint (mobilefacenet_model_best.pth.tar); "
                                           "omitted: the untrained, seeded detector")
     parser.add_argument("--video", help="a video file, an image file or a folder of frame images (aligned faces): "
-                        "every frame is read")
+                                        "every frame is read")
     parser.add_argument("--train", action="store_true", help="train on the demo dataset's ground-truth points")
     parser.add_argument("--data-root", default="data/demo", help="--train: the demo dataset (data.py make-demo)")
     parser.add_argument("--out", default="runs/demo-landmarks", help="--train: writes landmarks.pt, results.json")

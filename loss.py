@@ -216,30 +216,34 @@ def lambda_at(epoch_float, schedule="linear", start_epoch=0, ramp_epochs=0, tota
 
 def bench(batches=(64, 512), num_classes=7, dim=768, queue_size=16, repeats=7, steps=200):
     """Median ms of one SDL step, soft labels (Eq. 16-18) and the loss (Eq. 19-21) forward and backward, on full
-    queues, one thread; printed, and returned as {batch: ms}."""
+    queues, one thread (the caller's thread count is restored); printed, and returned as {batch: ms}."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    gen, result = torch.Generator().manual_seed(0), {}
-    for B in batches:
-        anchors = EmotionAnchors(num_classes, dim, queue_size, init="random")
-        features, labels = torch.randn(B, dim, generator=gen), torch.randint(0, num_classes, (B,), generator=gen)
-        logits = torch.randn(B, num_classes, generator=gen, requires_grad=True)
+    try:
+        gen, result = torch.Generator().manual_seed(0), {}
+        for B in batches:
+            anchors = EmotionAnchors(num_classes, dim, queue_size, init="random")
+            features, labels = torch.randn(B, dim, generator=gen), torch.randint(0, num_classes, (B,), generator=gen)
+            logits = torch.randn(B, num_classes, generator=gen, requires_grad=True)
 
-        def step(anchors=anchors, features=features, logits=logits, labels=labels):
-            total, _, _ = sdl_loss(logits, labels, anchors.soft_labels(features), 0.5)
-            total.backward()
+            def step(anchors=anchors, features=features, logits=logits, labels=labels):
+                total, _, _ = sdl_loss(logits, labels, anchors.soft_labels(features), 0.5)
+                total.backward()
 
-        for _ in range(20):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(20):
                 step()
-            times.append(1000 * (time.perf_counter() - t0) / steps)
-        result[B] = sorted(times)[repeats // 2]
-        print(f"SDL step, batch {B}, {num_classes} classes, {dim}-d features, queue {queue_size}, 1 thread: "
-              f"{result[B]:.3f} ms (median of {repeats} x {steps} steps)")
-    return result
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times.append(1000 * (time.perf_counter() - t0) / steps)
+            result[B] = sorted(times)[repeats // 2]
+            print(f"SDL step, batch {B}, {num_classes} classes, {dim}-d features, queue {queue_size}, 1 thread: "
+                  f"{result[B]:.3f} ms (median of {repeats} x {steps} steps)")
+        return result
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting back
 
 
 # ---- S4D: soft-target cross-entropy with mixup / cutmix

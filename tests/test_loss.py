@@ -244,10 +244,8 @@ def test_queues_identical_on_two_gloo_ranks(tmp_path, spawn_ranks):
 
 def test_loss_command_line_times_the_asked_batches_and_refuses_zero(capsys):
     threads = torch.get_num_threads()
-    try:
-        loss.main(["--batches", "3", "5", "--steps", "2", "--repeats", "1", "--dim", "16"])
-    finally:
-        torch.set_num_threads(threads)  # bench() runs on one thread
+    loss.main(["--batches", "3", "5", "--steps", "2", "--repeats", "1", "--dim", "16"])
+    assert torch.get_num_threads() == threads  # bench() runs on one thread, then gives back the caller's count
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in lines] == ["SDL step", "SDL step"]
     assert "batch 3, 7 classes, 16-d features" in lines[0] and "batch 5," in lines[1]
