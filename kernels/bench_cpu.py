@@ -3,8 +3,9 @@ forward, and one training step of the demo's video stage broken down by phase.
 
     python kernels/bench_cpu.py            # under a minute on 2 cores
 Loading: ClipDataset in train mode (full augmentation) on generated 16-frame 224 px JPEG frame folders, through a
-DataLoader (batch 1, persistent workers after an untimed warm-up pass); per process = clips per wall-clock second,
-per core = clips per CPU second of the process and its workers together (Linux: the workers' /proc times).
+DataLoader (batches of 8 clips, the video stage's batch per process; persistent workers after an untimed warm-up
+pass); per process = clips per wall-clock second, per core = clips per CPU second of the process and its workers
+together (Linux: the workers' /proc times). --batch-size 1 shows the per-batch cost of a worker's transfer.
 Each figure is the median of --repeats passes; times vary by 10-20 % on a shared machine.
 """
 import argparse
@@ -38,13 +39,13 @@ def cpu_seconds(pids=()):
     return total
 
 
-def loader_rows(root, samples, workers, repeats):
+def loader_rows(root, samples, workers, repeats, batch_size=8):
     """Steady-state loading: persistent workers, started and warmed up by one untimed pass, so that a worker's
     start (a process that imports torch) is not counted; CPU time is the main process's plus every worker's."""
     ds = data.ClipDataset(samples, root, "train", num_frames=16, image_size=224, augment=True)
     rows = []
     for w in workers:
-        loader = DataLoader(ds, batch_size=1, num_workers=w, shuffle=False, persistent_workers=w > 0)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=w, shuffle=False, persistent_workers=w > 0)
         for _ in loader:  # the untimed warm-up pass
             pass
         pids = [p.pid for p in loader._iterator._workers] if w else []
@@ -57,7 +58,7 @@ def loader_rows(root, samples, workers, repeats):
             wall.append(len(ds) / (time.perf_counter() - t0))
             core.append(len(ds) / (cpu_seconds(pids) - c0))
         del loader
-        rows.append((f"loading, {w} worker(s): clips/s per process / per core",
+        rows.append((f"loading, batch {batch_size}, {w} worker(s): clips/s per process / per core",
                      f"{statistics.median(wall):.1f} / {statistics.median(core):.1f}"))
     return rows
 
@@ -100,7 +101,8 @@ def train_step_rows(root, samples, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=24, help="generated clips for the loading figures")
+    parser.add_argument("--clips", type=int, default=64, help="generated clips for the loading figures")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch for the loading figures")
     parser.add_argument("--repeats", type=int, default=3, help="passes (loading) and timed steps (training step)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -109,7 +111,7 @@ def main():
         big = data.make_demo(Path(tmp) / "big", num_clips=args.clips, size=224, mp4_every=10**6, workers=1)
         samples = [s for s in data.read_split("demo", big / "train.csv") + data.read_split("demo", big / "test.csv")
                    if not s.path.endswith(".mp4")]
-        rows += loader_rows(big, samples, (0, 1, 2), args.repeats)
+        rows += loader_rows(big, samples, (0, 1, 2), args.repeats, args.batch_size)
         sdl = loss.bench()
         rows += [(f"SDL step (soft labels + loss, forward + backward), batch {b}", f"{ms:.3f} ms")
                  for b, ms in sdl.items()]
