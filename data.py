@@ -19,6 +19,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # `python data.py bench` measures what train.py runs with (see train.py)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import av
 import numpy as np
 import torch
