@@ -42,9 +42,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# Transparent huge pages for PyTorch's CPU tensors of 2 MB and more, as PyTorch's CPU performance tuning guide
-# suggests (read once, when torch starts): a new clip or batch then costs a few page faults instead of thousands.
-# README, Data loading speed, has the gain; THP_MEM_ALLOC_ENABLE=0 turns it off. Results do not change.
+# Huge pages for CPU tensors of 2 MB and more, set before torch starts: eval.py says why (it is imported after torch)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
