@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 SCHEDULES = ("linear", "cosine", "release")
-_EPS = 1e-8
 
 
 def _gather_from_ranks(*tensors):
@@ -64,9 +63,9 @@ class EmotionAnchors(nn.Module):
 
     Storage: class c's queue fills from the right. Its `count[c]` valid entries sit at positions
     Q - count[c] .. Q - 1, oldest first, newest at position Q - 1; the other slots hold zeros.
-    Features are stored scaled to unit length: Eq. (16) uses only their directions, and so each step's
-    similarity is one matrix product divided by the batch's norms. Loading a state dict with raw features
-    (an older checkpoint of ours) scales them on load.
+    Features are stored scaled to unit length: Eq. (16) uses only their directions, and so one matrix product
+    gives each sample's cosines times its own norm, which cancels (see soft_labels). Loading a state dict with raw
+    features (an older checkpoint of ours) scales them on load.
     """
 
     def __init__(self, num_classes, dim, queue_size=16, k=2, init="empty"):
@@ -102,7 +101,7 @@ class EmotionAnchors(nn.Module):
         """features (B, D) -> soft labels (B, C), or None while every queue is empty.
 
         None means the soft label is undefined: sdl_loss then falls back to CE alone.
-        Written for speed (it runs every step; README, Data loading speed, has its time): few tensor operations.
+        Written for speed (it runs every step; README, SDL, has its time): few tensor operations.
         """
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(
@@ -112,21 +111,31 @@ class EmotionAnchors(nn.Module):
         if sum(counts) == 0:
             return None
         B, C, Q = features.shape[0], self.num_classes, self.queue_size
-        f = features.detach().float()  # (B, D)
-        # Eq. (16) cosine similarity: one matrix product with the unit-length queue entries, divided by |f|
-        # (F.normalize's eps 1e-12)
+        # Eq. (16): cosine similarity to every stored entry. The entries are unit length, so one matrix product gives
+        # |f| cos; the factor |f| > 0 is the same for all of a sample's entries, so it changes neither Eq. (17)'s
+        # ranking, nor the clamp at 0 and the fallback's test below, nor Eq. (18)'s ratio: it is never divided out.
+        # (f = 0 gives all zeros: the fallback. Exact up to float overflow, far beyond any real feature.)
         anchors = self.features.reshape(C * Q, self.dim)  # (C*Q, D), unit length (or 0: an empty slot)
-        sims = torch.mm(f, anchors.T).div_(f.norm(dim=-1, keepdim=True).clamp_(min=1e-12)).reshape(B, C, Q)
-        full = min(counts) == Q
-        if not full:
-            # Empty slots get -inf, so top-k picks every real entry first; a class with fewer than k entries
-            # (or none yet) yields -inf picks, which get weight 0 below: an empty class contributes nothing.
-            sims.masked_fill_(~self.valid(), float("-inf"))
-        top, idx = sims.topk(min(self.k, Q), dim=-1, sorted=False)  # Eq. (17) top-k per class, (B, C, k)
-        w = _weights(top, full)  # (B, C, k)
-        # Eq. (18): every picked slot's weight in a (B, C*Q) map, times the stored probabilities (C*Q, C)
-        slots = torch.zeros(B, C, Q, device=w.device).scatter_(2, idx, w).reshape(B, C * Q)
-        return torch.mm(slots, self.probs.reshape(C * Q, C)).div_(w.sum(dim=(1, 2))[:, None])
+        sims = torch.mm(features.detach().float(), anchors.T).reshape(B, C, Q)
+        valid = None if min(counts) == Q else self.valid()
+        if valid is not None:
+            sims.masked_fill_(~valid, float("-inf"))  # empty slots: picked only after every real entry
+        # Eq. (17): the k most similar entries per class, by min(k, Q) rounds of max: each round picks the best slot
+        # left and sets it to -inf. max returns the first of equal values, and a queue's oldest entries sit at the
+        # lowest slots, so of equally similar entries the oldest are picked, as a stable sort would pick them.
+        # For the default k = 2 this is faster than topk on rows of Q = 16 (slower from k = 4 on; README, SDL).
+        # weights (B, C, Q) collects each pick's |f| cos clamped at 0 (the rule in _fallback's docstring); a pick
+        # of an empty slot (a class with fewer than k entries) adds 0, so an empty class contributes nothing.
+        weights = torch.zeros_like(sims)
+        for _ in range(min(self.k, Q)):
+            best, slot = sims.max(dim=-1, keepdim=True)  # (B, C, 1)
+            weights.scatter_add_(2, slot, best.clamp_(min=0))
+            sims.scatter_(2, slot, float("-inf"))
+        picked = sims.isneginf() if valid is None else sims.isneginf() & valid  # (B, C, Q): the real entries picked
+        _fallback(weights, picked)
+        # Eq. (18): the weighted mean of the picked entries' stored probabilities, one product with (C*Q, C)
+        weights = weights.reshape(B, C * Q)
+        return torch.mm(weights, self.probs.reshape(C * Q, C)).div_(weights.sum(dim=1, keepdim=True))
 
     @torch.no_grad()
     def enqueue(self, features, probs, labels):
@@ -163,21 +172,18 @@ class EmotionAnchors(nn.Module):
         self.count.copy_((self.count + n_new).clamp(max=Q))
 
 
-def _weights(top, full=False):
-    """Eq. (18)'s weights s of the picked entries, top (B, C, k) with -inf for a pick that is no entry (none when
-    `full`: every queue holds Q entries).
+def _fallback(weights, picked):
+    """Eq. (18)'s weights s, in place: weights (B, C, Q) hold each picked entry's similarity clamped at 0 (scaled
+    by the sample's norm, which cancels in Eq. 18), picked (B, C, Q) marks the picked real entries.
 
-    Cosine similarities can be negative, and then the paper's ratio can leave [0, 1] or divide by ~0.
+    Cosine similarities can be negative, and then the paper's ratio can leave [0, 1] or divide by 0.
     Rule: weights are the similarities clamped at 0, so y~ = sum s p / sum s is a convex combination of stored
-    probabilities; a sample whose picked similarities are all <= 0 (sum of weights <= 1e-8) takes the
-    plain mean of its picked real entries instead (weight 1 each). Where all similarities are positive this is
-    the paper's formula unchanged.
+    probabilities; a sample whose picked similarities are all <= 0 (every weight 0) takes the plain mean of its
+    picked real entries instead (weight 1 each). Where no picked similarity is negative and at least one is positive,
+    this is the paper's formula unchanged.
     """
-    w = top.clamp(min=0)  # a -inf pick (no entry) becomes 0 here
-    fallback = w.sum(dim=(1, 2), keepdim=True) <= _EPS  # (B, 1, 1)
-    if full:
-        return w.masked_fill_(fallback, 1.0)
-    return torch.where(fallback, torch.isfinite(top).to(w.dtype), w)
+    none_positive = weights.sum(dim=(1, 2), keepdim=True) == 0  # (B, 1, 1)
+    return weights.masked_fill_(picked & none_positive, 1.0)
 
 
 def sdl_loss(logits, labels, soft, lam):
@@ -218,7 +224,7 @@ def bench(batches=(64, 512), num_classes=7, dim=768, queue_size=16, repeats=7, s
     """Median ms of one SDL step, soft labels (Eq. 16-18) and the loss (Eq. 19-21) forward and backward, on full
     queues, one thread (the caller's thread count is restored); printed, and returned as {batch: ms}.
     The steps cycle through 16 different batches: on one batch repeated, the CPU's branch predictor learns the
-    top-k selection's branches, and topk alone then took a third of its time on new values."""
+    data-dependent branches (torch.topk, which this step used before, then took a third of its time on new values)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

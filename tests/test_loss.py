@@ -25,7 +25,7 @@ def naive_soft_label(f, queues, k):
     if not picks:
         return None
     weights = [max(s, 0.0) for s, _ in picks]
-    if sum(weights) <= 1e-8:
+    if sum(weights) == 0:  # every picked similarity <= 0
         weights = [1.0] * len(picks)
     return sum(w * p for w, (_, p) in zip(weights, picks, strict=True)) / sum(weights)
 
@@ -86,6 +86,16 @@ def test_sdl_all_negative_similarities_fall_back_to_plain_mean():
     anchors.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), probs, torch.tensor([0, 1]))
     soft = anchors.soft_labels(torch.tensor([[-1.0, -1.0]]))
     torch.testing.assert_close(soft[0], probs.mean(0))
+
+
+def test_sdl_equal_similarities_pick_the_oldest_entries():
+    """Eq. (17) with ties: of entries equally similar, the k picked are the oldest (as a stable sort by similarity
+    would pick them), so the soft label does not depend on how a top-k routine breaks ties."""
+    anchors = EmotionAnchors(2, 2, queue_size=4, k=2)
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    anchors.enqueue(torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]]), probs, torch.tensor([0, 0, 0, 1]))
+    soft = anchors.soft_labels(torch.tensor([[2.0, 0.0]]))  # cosine 1 to all three of class 0, 0 to class 1's one
+    torch.testing.assert_close(soft[0], (probs[0] + probs[1]) / 2)  # the two oldest of class 0; class 1 weighs 0
 
 
 def test_sdl_empty_queues_give_none_and_ce_only():
