@@ -893,10 +893,11 @@ def write_video(path, frames, fps=25):
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         # The same seed must give the same bytes. Things that varied from run to run: x264's B-frame look-ahead, the
-        # encoder's own RGB -> YUV conversion (now and then), and once one frame of one clip (swscale, threaded by
-        # default, is the suspect). So: x264 on one thread without B-frames, and every frame converted to YUV 4:2:0
-        # on its own, on one thread, before it reaches the encoder.
-        options = {"crf": "12", "preset": "veryfast", "g": "8", "threads": "1", "x264-params": "bframes=0"}
+        # encoder's own RGB -> YUV conversion (now and then), and now and then a few frames of a clip: x264's
+        # macroblock tree (mbtree) reads uninitialised stack memory (valgrind shows it inside x264_encoder_encode;
+        # with mbtree=0 it reports nothing in x264). So: x264 on one thread, without B-frames or the macroblock
+        # tree, and every frame converted to YUV 4:2:0 on its own, on one thread, before it reaches the encoder.
+        options = {"crf": "12", "preset": "veryfast", "g": "8", "threads": "1", "x264-params": "bframes=0:mbtree=0"}
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
