@@ -313,8 +313,9 @@ def parse_args(argv=None):
                    "of your own): find, track, align and crop the face first; for a video that is not a face crop")
     p.add_argument("--annotate", help="--video with --detector: write the frames with the face box, its points and "
                    "the predicted label to this mp4")
-    p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint; omitted: the one the checkpoint was "
-                   "trained with (train.py records it), else the untrained, seeded detector")
+    p.add_argument("--landmark-weights", help="MobileFaceNet-68 checkpoint, or none for the untrained, seeded "
+                   "detector; omitted: the one the checkpoint was trained with (train.py records it), else "
+                   f"{landmarks.PUBLIC_WEIGHTS} for a checkpoint that records none (a released one)")
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass, per process (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (default 2)")
     p.add_argument("--temporal-views", type=int, help="temporal windows per clip (default 2; images 1)")
@@ -431,13 +432,33 @@ def recorded(ckpt, name, default=None):
 
 
 def landmark_view(args, ckpt, model, device, show=print):
-    """The landmark net for `model`: none without MCP; --landmark-weights, else the file the run recorded."""
+    """The landmark net for `model` (none without MCP), in this order:
+    --landmark-weights PATH (`none`: the untrained, seeded detector, asked for);
+    the file train.py recorded in the checkpoint (a recorded None: that run's untrained, seeded detector);
+    a checkpoint that records none (a released one, or one not written by train.py) that takes the public
+    detector's 128-channel view: landmarks.PUBLIC_WEIGHTS, and if that file is absent, a stop that says what to
+    pass, never a silent untrained view. A narrower view (the demo's tiny detector) is the untrained, seeded one."""
     if not getattr(model.cfg, "mcp", False):  # S4D has no landmark view
         return None
-    weights = args.landmark_weights or recorded(ckpt, "landmark_weights")
-    if weights and not args.landmark_weights:
-        show(f"landmark view: {weights} (recorded in the checkpoint)")
-    net = landmarks.LandmarkFeatures(weights, recorded(ckpt, "landmark_preset", "mobilefacenet")).to(device)
+    train_args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else train_args or {}
+    if args.landmark_weights:
+        weights = None if args.landmark_weights == "none" else args.landmark_weights
+    elif isinstance(train_args, dict) and "landmark_weights" in train_args:  # written by train.py
+        weights = train_args["landmark_weights"]
+        show(f"landmark view: {weights or 'the untrained, seeded detector'} (recorded in the checkpoint)")
+    elif model.cfg.landmark_channels == landmarks.PRESETS["mobilefacenet"]["feature_width"]:
+        weights = landmarks.PUBLIC_WEIGHTS
+        if not Path(weights).is_file():
+            raise SystemExit(f"eval.py: {args.checkpoint} records no landmark detector, and {weights} is not there: "
+                             f"get {landmarks.PUBLIC_SOURCE} and pass --landmark-weights PATH "
+                             "(or --landmark-weights none for the untrained, seeded detector)")
+        show(f"landmark view: {weights} (the checkpoint records none)")
+    else:
+        weights = None
+    widths = {p["feature_width"]: name for name, p in landmarks.PRESETS.items()}  # without a file: the model's width
+    preset = recorded(ckpt, "landmark_preset", widths.get(model.cfg.landmark_channels, "mobilefacenet"))
+    net = landmarks.LandmarkFeatures(weights, preset).to(device)
     if net.feature_width != model.cfg.landmark_channels:
         raise SystemExit(f"eval.py: the landmark net {weights} gives {net.feature_width} channels, the model expects "
                          f"{model.cfg.landmark_channels}; pass the --landmark-weights it was trained with")

@@ -105,6 +105,11 @@ class GDC(nn.Module):
         return self.bn(self.linear(x))
 
 
+# The public detector: where train.py and eval.py look for it when no file is named, and where it comes from.
+PUBLIC_WEIGHTS = "weights/mobilefacenet_model_best.pth.tar"
+PUBLIC_SOURCE = ("the 68-point MobileFaceNet in the authors' repository, https://github.com/MSA-LMC/S2D "
+                 "(landmark/mobilefacenet_model_best.pth.tar)")
+
 PRESETS = {
     # the public checkpoint mobilefacenet_model_best.pth.tar: 1,007,248 parameters, conv_4 = 128 x 14 x 14
     "mobilefacenet": dict(width=64, feature_width=128, head_width=512, blocks=(4, 6, 2)),

@@ -94,13 +94,12 @@ def by_kind(name):
 
 # Where a real-dataset run looks for the files it starts from, and where to get each (README, Files to download)
 WEIGHTS = {"video": "weights/pretrain-AffectNet-7.pth", "image": "weights/mae_pretrain_vit_base.pth",
-           "landmarks": "weights/mobilefacenet_model_best.pth.tar",
+           "landmarks": landmarks.PUBLIC_WEIGHTS,
            "joint": "weights/vit_base_voxceleb2+affectnet_100.pt", "mae": None}  # pre-training starts from scratch
 WHERE = {"video": "the authors' image-stage checkpoint, https://huggingface.co/cyinen/S2D (pretrain-AffectNet-7.pth), "
                   "or your own: train.py --stage image --dataset affectnet7",
          "image": "MAE's ImageNet-1K ViT-B/16, https://github.com/facebookresearch/mae (mae_pretrain_vit_base.pth)",
-         "landmarks": "the 68-point MobileFaceNet in the authors' repository, https://github.com/MSA-LMC/S2D "
-                      "(landmark/mobilefacenet_model_best.pth.tar)",
+         "landmarks": landmarks.PUBLIC_SOURCE,
          "joint": "S4D's dual-modal MAE encoder, https://huggingface.co/cyinen/S4D "
                   "(vit_base_voxceleb2+affectnet_100.pt), or your own: train.py --stage mae",
          "mae": "a checkpoint to continue pre-training from"}

@@ -20,6 +20,7 @@ import data
 from eval import class_names, compute_metrics, evaluate, format_report, load_model, parse_folds, summarize
 from eval import main as eval_main
 from eval import parse_args as eval_parse_args
+import landmarks
 from landmarks import LandmarkFeatures
 from model import build_model, to_released
 
@@ -218,7 +219,8 @@ def test_cli_report_csv_and_single_clip(tmp_path, capsys):
     root = make_frames_dataset(tmp_path / "demo")
     model, _ = tiny_model()
     ckpt = save_checkpoint(tmp_path / "ckpt.pth", model)
-    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0"]
+    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0",
+             "--landmark-weights", "none"]  # these checkpoints record no detector: the untrained one, asked for
     eval_main(
         ["--checkpoint", ckpt, "--dataset", "demo", "--data-root", str(root), "--out", str(tmp_path / "p.csv")] + views
     )
@@ -246,7 +248,8 @@ def test_a_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, capsys):
     model, _ = tiny_model()
     dfew = save_checkpoint(tmp_path / "dfew.pth", model, classes=list(data.CLASSES["dfew"]))  # another order
     eleven = save_checkpoint(tmp_path / "eleven.pth", build_model("s2d_tiny", num_classes=11, num_frames=2))
-    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0"]
+    views = ["--temporal-views", "3", "--spatial-crops", "1", "--device", "cpu", "--workers", "0",
+             "--landmark-weights", "none"]  # these checkpoints record no detector: the untrained one, asked for
     run = ["--dataset", "demo", "--data-root", str(root)] + views
     with pytest.raises(SystemExit, match=r"dfew.pth was trained on the classes \['happy', 'sad', 'neutral', 'angry', "
                                          r"'surprise', 'disgust', 'fear'\], but --dataset demo has 7: \['Angry', "
@@ -276,3 +279,39 @@ def test_a_broken_checkpoint_is_one_line_naming_it(tmp_path):
         eval_main(run)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         eval_main(run + ["--debug"])  # the exception itself, with its traceback
+
+
+def test_a_checkpoint_that_records_no_detector_takes_the_public_file_or_stops(tmp_path, monkeypatch, capsys):
+    """A released checkpoint records no landmark file: eval.py takes weights/mobilefacenet_model_best.pth.tar, and
+    without it stops (an untrained view would score the checkpoint wrongly); `none` asks for the untrained one."""
+    root = make_frames_dataset(tmp_path / "demo")
+    model, _ = tiny_model()
+    released = save_checkpoint(tmp_path / "released.pth", model, args=argparse.Namespace(batch_size=8))
+    monkeypatch.chdir(tmp_path)
+    run = ["--checkpoint", released, "--dataset", "demo", "--data-root", str(root), "--temporal-views", "1",
+           "--spatial-crops", "1", "--device", "cpu", "--workers", "0"]
+    with pytest.raises(SystemExit, match=r"released.pth records no landmark detector, and weights/mobilefacenet_model_"
+                                         r"best.pth.tar is not there: get the 68-point MobileFaceNet .* pass "
+                                         r"--landmark-weights PATH \(or --landmark-weights none"):
+        eval_main(run)
+
+    def probs(out):
+        with open(out, newline="") as f:
+            return [[r[k] for k in r if k.startswith("prob_")] for r in csv.DictReader(f)]
+
+    eval_main(run + ["--landmark-weights", "none", "--out", "untrained.csv"])
+    (tmp_path / "weights").mkdir()
+    torch.manual_seed(1)
+    net = landmarks.MobileFaceNet(**landmarks.PRESETS["mobilefacenet"])  # stands in for the public file
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "weights/mobilefacenet_model_best.pth.tar")
+    capsys.readouterr()
+    eval_main(run + ["--out", "default.csv"])
+    printed = capsys.readouterr().out
+    assert "landmark view: weights/mobilefacenet_model_best.pth.tar (the checkpoint records none)" in printed
+    eval_main(run + ["--landmark-weights", "weights/mobilefacenet_model_best.pth.tar", "--out", "named.csv"])
+    assert probs("default.csv") == probs("named.csv") != probs("untrained.csv")
+
+    ours = save_checkpoint(tmp_path / "ours.pth", model, args={"landmark_weights": None})  # train.py's, untrained view
+    eval_main(["--checkpoint", ours] + run[2:] + ["--out", "ours.csv"])
+    assert "landmark view: the untrained, seeded detector (recorded in the checkpoint)" in capsys.readouterr().out
+    assert probs("ours.csv") == probs("untrained.csv")

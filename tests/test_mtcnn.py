@@ -123,7 +123,7 @@ def test_eval_video_with_a_detector_finds_aligns_predicts_and_annotates(tmp_path
     monkeypatch.setattr(L, "MTCNN", KnownFace)
     out = tmp_path / "annotated.mp4"
     eval_main(["--checkpoint", str(ckpt), "--video", str(tmp_path / "me.mp4"), "--detector", "unused",
-               "--annotate", str(out), "--dataset", "demo", "--device", "cpu"])
+               "--annotate", str(out), "--dataset", "demo", "--device", "cpu", "--landmark-weights", "none"])
     printed = capsys.readouterr()
     assert "a face in 3 of 6 frames (none in frames 1, 3, 5" in printed.out
     assert "views averaged" in printed.out and "warning" not in printed.err
@@ -136,7 +136,8 @@ def test_an_uncropped_scene_without_a_detector_is_warned_about(tmp_path, capsys,
     model = build_model("s2d_tiny", num_classes=7, num_frames=2)
     import dataclasses
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, tmp_path / "c.pth")
-    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "scene.mp4"), "--device", "cpu"])
+    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "scene.mp4"), "--device", "cpu",
+               "--landmark-weights", "none"])
     err = capsys.readouterr().err
     assert "look like an uncropped scene" in err and "--detector" in err
 
