@@ -4,8 +4,9 @@ Paper: Chen, Li, Shan, Wang, Hong, "From Static to Dynamic: Adapting Landmark-Aw
 Expression Recognition in Videos", IEEE TAFFC (arXiv:2312.05447). Every equation of Sec. III-A to III-C is written
 here in plain torch, marked `# Eq. (n)`, in the paper's order: read top to bottom.
   config and presets; the ViT pieces; S2D, the prompt chain (Eq. 1-2); MCP (Eq. 3-6); TMA (Eq. 7-15);
-  which parameters train; checkpoint loading (ours, the released S2D ones, MAE / timm); and last, the optional
-  fused Triton kernels, which compute Eq. (3)-(5) and (10) faster on a GPU and are imported only when selected.
+  which parameters train; checkpoint loading (ours, the released S2D ones, MAE / timm); then S4D, the follow-up
+  (its config, tubelet ViT, MoAE, MAE pre-training and checkpoints); and last, the optional fused Triton kernels,
+  which compute Eq. (3)-(5) with Eq. (6)'s sum, and Eq. (10), faster on a GPU and are imported only when selected.
 Shapes: B clips, T frames (B*T frames in all), N = 196 patch tokens (a 14 x 14 grid), C channels, H heads, D head
 width, K = 8 MCP channels, d the TMA bottleneck width.
 """
@@ -187,7 +188,7 @@ class S2D(nn.Module):
         """Layer i's MCP_i and TMA_i, and their residual injection into the patch tokens."""
         P = self.mcp[i](x_in, a_in) if self.cfg.mcp else 0  # guiding prompt P_i, (B*T, N, C)
         M = self.tma[i](x_in, T) if self.tma_enabled else 0  # temporal tokens M_i, (B*T, N, C)
-        return patches + P + M, P  # Eq. (1): X'_i = X_{i-1} + P_{i-1} + M_{i-1}
+        return patches + P + M, P  # Eq. (1): patch tokens + P_i + M_i before block i (i counts blocks from 0)
 
     def forward(self, video, landmarks):
         """video (B, 3, T, H, W), landmarks (B, T, 128, 14, 14) or None without MCP -> logits (B, classes),
@@ -238,7 +239,7 @@ class MCP(nn.Module):
 
     def forward(self, x_in, a_in):  # (B*T, N, C), (B*T, N, C) -> P (B*T, N, C)
         if use_triton(self.kernels, x_in):
-            return self.up(fused_mcp_gate(self, x_in, a_in))  # Eq. (3)-(5) in one Triton kernel, then Eq. (6)
+            return self.up(fused_mcp_gate(self, x_in, a_in))  # Eq. (3)-(5) and x0' + x1 in one kernel, then Eq. (6)
         x0 = self.down_x(x_in)  # Eq. (3): x0 = Conv1x1(x_in), (B*T, N, K)
         x1 = self.down_a(a_in)  # Eq. (3): x1 = Conv1x1(a_in), (B*T, N, K)
         A = torch.softmax(self.sharpness * x0, dim=1)  # Eq. (4): softmax over the N positions, per frame and channel
@@ -262,6 +263,14 @@ class TMA(nn.Module):
         self.up = nn.Linear(dim, width)
         self.kernels = kernels  # "torch" | "triton" | "auto": see fused_temporal_attention at the end of this file
 
+    def forward(self, x_in, T):  # x_in (B*T, N, C) -> M (B*T, N, C)
+        h = F.gelu(self.t_down(x_in))  # Eq. (7): downsample to d = C * 0.25, GELU
+        h = self.t_msa(h, T)  # Eq. (8): T-MSA, Eq. (9)-(11) in t_msa below
+        h = self.t_up(h)  # Eq. (12): upsample back to C
+        h = self.norm(h)  # Eq. (13): LayerNorm
+        h = F.gelu(self.down(h))  # Eq. (14): vanilla adapter, down + GELU
+        return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
+
     def t_msa(self, h, T):  # h (B*T, N, d) -> (B*T, N, d): attention across the T frames at every position
         BT, N, d = h.shape
         H, D = self.heads, d // self.heads
@@ -273,14 +282,6 @@ class TMA(nn.Module):
             A = torch.softmax(q @ k.transpose(-2, -1) * D**-0.5, dim=-1)  # Eq. (10): (B, N, H, T, T) over frames
             heads = (A @ v).permute(0, 3, 1, 2, 4)  # head_j = A_j V_j, back to (B, T, N, H, D)
         return self.t_proj(heads.reshape(BT, N, d))  # Eq. (11): Concat(head_1..head_H) W^O
-
-    def forward(self, x_in, T):  # x_in (B*T, N, C) -> M (B*T, N, C)
-        h = F.gelu(self.t_down(x_in))  # Eq. (7): downsample to d = C * 0.25, GELU
-        h = self.t_msa(h, T)  # Eq. (8): T-MSA
-        h = self.t_up(h)  # Eq. (12): upsample back to C
-        h = self.norm(h)  # Eq. (13): LayerNorm
-        h = F.gelu(self.down(h))  # Eq. (14): vanilla adapter, down + GELU
-        return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
 
 
 def build_model(name, num_classes, num_frames, image_model=False, **overrides):
@@ -303,7 +304,8 @@ VIDEO_STAGE = ("landmark_embed.", "mcp.", "tma.", "prompt_norms.", "temporal_emb
 
 
 def set_trainable(model: S2D, stage: str):
-    """'video': the adapted set (paper Sec. IV-C: MCPs, TMAs, norms, classifier) trains, the ViT is frozen.
+    """'video': VIDEO_STAGE trains (paper Sec. IV-C's MCPs, TMAs and classifier, and, as in the release, the landmark
+    embedding, the prompt norms, the temporal embedding and the final norm); the ViT is frozen.
     'image' / 'all': everything trains (the landmark detector is a separate frozen module, LandmarkFeatures)."""
     if stage not in ("video", "image", "all"):
         raise ValueError(f"stage must be 'video', 'image' or 'all', got {stage!r}")
@@ -942,7 +944,8 @@ def _import_kernel(module, name):
 
 
 def fused_mcp_gate(mcp, x_in, a_in):
-    """MCP's Eq. (3)-(5) as one Triton kernel (kernels/mcp_gate.py), (B*T, N, K); triton is imported only here."""
+    """MCP's Eq. (3)-(5) and Eq. (6)'s x0' + x1 as one Triton kernel (kernels/mcp_gate.py), (B*T, N, K); triton is
+    imported only here."""
     mcp_gate = _import_kernel("mcp_gate", "mcp_gate")
     return mcp_gate(x_in, a_in, mcp.down_x.weight, mcp.down_x.bias, mcp.down_a.weight, mcp.down_a.bias,
                     mcp.sharpness)

@@ -202,7 +202,8 @@ add("--out", help="run folder (default: runs/<dataset>[-fold<k>]-<stage>; the de
 add("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its saved options")
 add("--stop-after-steps", type=int, help="stop as on SIGTERM after this many optimizer steps (for tests)")
 add("--retrain", choices=("landmarks", "image", "video", "all"),
-    help="--stage demo: train this stage again, and every stage after it, even if finished")
+    help="--stage demo: train this stage again, and every stage (and ablation run) that starts from it, even if "
+         "finished")
 add("--ablation", action="store_true", help="--stage demo: after the demo, the ablation table (README)")
 add("--ablation-seeds", type=int, default=3, help="--ablation: seeds per row (default 3)")
 add("--procs", type=int, help="--stage demo: processes per image / video stage, one thread each (default: 2 when "
@@ -213,7 +214,8 @@ add("--demo-args", default="", help="--stage demo: options added to its image an
 
 # ----------------------------------------------------------------------------- the demo: S2D in miniature
 # Each stage is an ordinary run of landmarks.py or of this script, in a subprocess: the commands it prints are the
-# ones a user would type. A stage whose results.json exists is reused, unless --retrain names it or a stage before.
+# ones a user would type. A stage whose results.json exists is reused, unless --retrain names it or a stage before,
+# or a stage it starts from finished after it (redone by an earlier --retrain).
 DEMO_STAGES = {"landmarks": "landmark view (MobileFaceNet on ground-truth points)",
                "image": "image stage (MCP, no TMA; still frames of the training clips)",
                "video": "video stage (frozen image model + MCP + TMA + SDL)"}
@@ -264,12 +266,23 @@ class DemoStages:
                                "--init", str(self.runs / f"demo-{image}" / "best.pt"), *extra, "--out", str(out))
 
 
-def run_stage(title, folder, command, redo):
-    """Run one stage unless it is finished (and not to be redone); True when it ran."""
+def finished_after(folder, needs):
+    """The stages in `needs` (folders) that finished after the one in `folder` did: it started from older files."""
+    done = (folder / "results.json").stat().st_mtime_ns
+    return [n for n in needs if (n / "results.json").exists() and (n / "results.json").stat().st_mtime_ns > done]
+
+
+def run_stage(title, folder, command, redo, needs=()):
+    """Run one stage unless it is finished (and not to be redone, and none of the stages it starts from, `needs`,
+    finished after it: a --retrain of those, now or in an earlier call, makes it stale); True when it ran."""
     if not redo and (folder / "results.json").exists():
-        took = json.loads((folder / "stage.json").read_text())["seconds"] if (folder / "stage.json").exists() else 0
-        print(f"== {title}: finished in {folder} ({took:.0f} s when it ran), reused; --retrain redoes it", flush=True)
-        return False
+        newer = finished_after(folder, needs)
+        if not newer:
+            took = json.loads((folder / "stage.json").read_text())["seconds"] if (folder / "stage.json").exists() else 0
+            print(f"== {title}: finished in {folder} ({took:.0f} s when it ran), reused; --retrain redoes it",
+                  flush=True)
+            return False
+        print(f"== {title}: {', '.join(map(str, newer))} finished after it; redone", flush=True)
     shutil.rmtree(folder, ignore_errors=True)  # a stage that did not finish starts again
     threads = {"OMP_NUM_THREADS": "1"} if "torch.distributed.run" in command else {}
     print(f"== {title}\n   {' '.join([*(f'{k}={v}' for k, v in threads.items()), *command])}", flush=True)
@@ -295,8 +308,9 @@ def run_demo(args):
         print(f"== the demo dataset: making it in {root}", flush=True)
         data.make_demo(root)
         print(f"== the demo dataset: done in {time.perf_counter() - t_start:.0f} s", flush=True)
+    needs = {"landmarks": [], "image": [stages.landmarks()[0]], "video": [stages.landmarks()[0], stages.image()[0]]}
     for k, (name, title) in enumerate(DEMO_STAGES.items(), 1):
-        redo = run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), redo or args.retrain == name)
+        redo = run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), redo or args.retrain == name, needs[name])
     if args.ablation:
         run_ablation(args, stages)
     lm, image, video = (json.loads((getattr(stages, n)()[0] / "results.json").read_text()) for n in DEMO_STAGES)
@@ -328,7 +342,8 @@ def run_ablation(args, stages):
                 run = stages.video()[0]
             else:
                 run, command = stages.video(image, folder / f"{key}-seed{seed}", [*extra, "--seed", str(seed)])
-                run_stage(f"ablation {row}, seed {seed}", run, command, args.retrain == "all")
+                needs = [stages.runs / f"demo-{image}"] + ([] if "--no-mcp" in extra else [stages.landmarks()[0]])
+                run_stage(f"ablation {row}, seed {seed}", run, command, args.retrain == "all", needs)
             scores.append(best_test(run))
         wars = [s["war"] for s in scores]
         lines.append(f"| {row} | {spread([s['uar'] for s in scores])} | {spread(wars)} | "

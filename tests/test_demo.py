@@ -141,3 +141,16 @@ def test_ablation_rows_build_their_model_variants(demo, tmp_path, flags, video, 
     assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == trains
     assert len(ckpt["optimizer"]["state"]) == sum(p.requires_grad for p in model.parameters())  # AdamW stepped each
     assert f"{n:,} trainable of {total:,}" in proc.stdout
+
+
+def test_ablation_runs_are_redone_after_the_stage_they_start_from(demo, first_run):
+    runs, _ = first_run
+    pipeline(demo, runs, "--ablation", "--ablation-seeds", "1")  # image-nomcp, (a), (b), (c); (d) is the demo's
+    stdout = pipeline(demo, runs, "--retrain", "image")  # the ablation is not asked for: its runs stay as they are
+    assert ran(stdout) == ["image stage", "video stage"]
+    stdout = pipeline(demo, runs, "--ablation", "--ablation-seeds", "1")
+    lines = stdout.splitlines()
+    # (c) started from the old image stage: redone; (a), (b) and their no-MCP image stage did not: reused
+    assert any(line.startswith("== ablation (c)") and "finished after it; redone" in line for line in lines)
+    assert sum(line.startswith("== ablation") and "reused" in line for line in lines) == 3, stdout
+    assert ran(stdout) == []
