@@ -291,7 +291,7 @@ def demo_pictures(video_run, landmark_weights, root):
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Evaluate an S2D checkpoint: UAR, WAR, per-class recall, macro-F1 and "
+        description="Evaluate an S2D or S4D checkpoint: UAR, WAR, per-class recall, macro-F1 and "
         "the confusion matrix, or the class probabilities of one clip."
     )
     p.add_argument(

@@ -176,8 +176,8 @@ class LandmarkFeatures(MobileFaceNet):
         super().train(False)
 
     def fold_batchnorm(self):
-        """Fold every ConvBlock's frozen BatchNorm into its convolution (README, The landmark view: 1.26x on a
-        16-frame clip), and put the weights in channels-last order."""
+        """Fold every ConvBlock's frozen BatchNorm into its convolution (README, The landmark view: with
+        channels-last and chunks, 1.74x on a 16-frame clip), and put the weights in channels-last order."""
         for module in self.modules():
             if isinstance(module, ConvBlock):
                 module.fold()

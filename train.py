@@ -168,7 +168,8 @@ add("--epochs", type=int, help=f"training epochs (default: {by_kind('epochs')})"
 add("--batch-size", type=int, help=f"clips per process and micro-step (default: {by_kind('batch_size')})")
 add("--accum-steps", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
 add("--num-frames", type=int, help=f"frames per clip (default: {by_kind('num_frames')})")
-add("--sampling-rate", type=int, help=f"frame step within a clip (default: {by_kind('sampling_rate')})")
+add("--sampling-rate", type=int, help=f"frame step within a clip (default: {by_kind('sampling_rate')}; joint on "
+                                      "DFEW and MAFW 4)")
 add("--blr", type=float, help=f"base lr; lr = blr * total_batch / 8 (default: {by_kind('blr')})")
 add("--min-lr", type=float, help="lr at the end of the cosine schedule (default 0; joint: 1e-6 x total batch / 256)")
 add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {by_kind('warmup_epochs')})")
