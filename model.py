@@ -318,7 +318,7 @@ def set_trainable(model: S2D, stage: str):
 
 
 def no_weight_decay(name, param):
-    return param.ndim <= 1 or any(k in name for k in ("cls_token", "pos_embed", "temporal_embed"))
+    return param.ndim <= 1 or any(k in name for k in ("cls_token", "pos_embed", "temporal_embed", "mask_token"))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -21,7 +21,8 @@ S4D, the follow-up (README, S4D): dual-modal MAE pre-training, then joint image 
 Continue a stopped run (same world size for a bit-exact continuation):
     python train.py --resume runs/demo-video
 
-Learning rate: lr = blr * total_batch / 8, total_batch = batch-size x accum-steps x processes (the release's rule).
+Learning rate: lr = blr * total_batch / 8, total_batch = batch-size x accum-steps x processes (the release's rule;
+S4D's pre-training also counts the --views of each clip).
 Outputs in --out: config.json, log.jsonl (one JSON line per epoch), last.pt (every epoch and on SIGTERM / SIGINT),
 best.pt (best validation score), results.json (test metrics of last.pt and best.pt).
 Exit status: 0 when done, and also when stopped by SIGTERM / SIGINT (after the current step and a checkpoint);
@@ -68,7 +69,8 @@ RUN_DEFAULTS = {  # one value per kind, in KINDS order
     "model": ("s2d_tiny", "s2d_tiny", "s2d_base", "s2d_base", "s4d_tiny", "s4d_tiny", "s4d_base", "s4d_base"),
     "epochs": (7, 3, 20, 100, 15, 8, 100, 100),
     # per process; the demo's stages keep these totals on several processes. S4D: videos per batch (an image
-    # batch is --image-batch-size, twice this by default); its pre-training: 48 videos (the release: x 4 views)
+    # batch is --image-batch-size, twice this by default); its pre-training: 48 videos x 4 views, and as many
+    # images (the release's 192)
     "batch_size": (16, 8, 32, 8, 8, 8, 16, 48),
     "num_frames": (1, 8, 1, 16, 4, 4, 16, 16),
     # demo: 8 frames 2 apart (S4D's: 4 frames 4 apart) span the 16-18 frame clip. S4D: 4 on DFEW and MAFW, 1 on
@@ -76,8 +78,9 @@ RUN_DEFAULTS = {  # one value per kind, in KINDS order
     "sampling_rate": (1, 2, 1, 1, 4, 4, 1, 4),
     # video: the release's 1e-5; image: our choice (lr 1.6e-4 at total batch 256, full fine-tuning without
     # layer decay; the authors publish no image-stage recipe); demo: measured (README). S4D joint: its 1e-5;
-    # its MAE: lr 1.6e-3 x batch / 512 (batch = videos x 4 views) is blr 1e-4 x batch / 8 at 4 views
-    "blr": (3e-4, 3e-3, 5e-6, 1e-5, 3e-3, 3e-3, 1e-5, 1e-4),
+    # its MAE: lr 1.6e-3 x batch / 512 (batch = videos x views; total_batch counts views there) is blr 2.5e-5
+    "blr": (3e-4, 3e-3, 5e-6, 1e-5, 3e-3, 3e-3, 1e-5, 2.5e-5),
+    # S4D's MAE: 5 % of the epochs (the release's), so 5 at its 100; set below from --epochs
     "warmup_epochs": (1, 0.5, 2, 2, 0.5, 0.5, 5, 5),
     "sdl_start": (-1, 1, -1, 20, -1, -1, -1, -1),  # -1: no SDL. The release starts SDL after epoch 20
     "augment": ("flip", "none", "paper", "paper", "flip", "light", "paper", "light"),
@@ -148,7 +151,8 @@ s4d = parser.add_argument_group("S4D stages (--stage joint / mae)")
 s4d.add_argument("--image-dataset", choices=sorted(data.IMAGE_DATASETS),
                  help="the still images trained with the videos (default: affectnet7; the demo: demo_image)")
 s4d.add_argument("--image-data-root", help="its folder (default: data/<NAME>; the demo: --data-root)")
-s4d.add_argument("--image-batch-size", type=int, help="images per process and step (default: 2 x --batch-size)")
+s4d.add_argument("--image-batch-size", type=int, help="images per process and step (default: joint 2 x "
+                                                     "--batch-size, mae --views x --batch-size)")
 s4d.add_argument("--image-share", type=float,
                  help="an epoch takes every video batch and this share of the image batches (default: joint 0.5, "
                       "mae 1.0), in an order shuffled from seed and epoch")
@@ -172,7 +176,8 @@ add("--sampling-rate", type=int, help=f"frame step within a clip (default: {by_k
                                       "DFEW and MAFW 4)")
 add("--blr", type=float, help=f"base lr; lr = blr * total_batch / 8 (default: {by_kind('blr')})")
 add("--min-lr", type=float, help="lr at the end of the cosine schedule (default 0; joint: 1e-6 x total batch / 256)")
-add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {by_kind('warmup_epochs')})")
+add("--warmup-epochs", type=float, help=f"linear warm-up, in epochs (default: {by_kind('warmup_epochs')}; mae: "
+                                        "5 %% of --epochs)")
 add("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, embeddings)")
 add("--augment", choices=("paper", "light", "flip", "none"),
     help="training augmentation. paper: RandAugment (m7, n4, mstd 0.5), random erasing 0.25, random resized crop and "
@@ -192,7 +197,8 @@ add("--val-every", type=int, default=1, help="validate every N epochs and after 
 add("--select", default="war", choices=("war", "uar"),
     help="validation metric that picks best.pt (on a tie, the later epoch)")
 add("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-    help="autocast on CUDA (auto: bf16 on CUDA, fp32 on CPU); fp16 uses a gradient scaler")
+    help="autocast on CUDA (auto: bf16 on CUDA, fp16 for --stage mae as released; fp32 on CPU); fp16 uses a "
+         "gradient scaler")
 add("--kernels", default="auto", choices=("auto", "triton", "torch"), help="TMA / MCP kernels (auto: triton on CUDA)")
 add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
 add("--workers", type=int, help=f"data-loading worker processes per process (default: {by_kind('workers')}; the "
@@ -418,16 +424,20 @@ else:
     elif args.image_dataset or args.image_data_root or args.image_batch_size or args.image_share is not None:
         parser.error("--image-dataset, --image-data-root, --image-batch-size and --image-share belong to --stage "
                      "joint / mae")
+    warmup_given = args.warmup_epochs is not None
     for name, by_kind in RUN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, by_kind[kind])
+    if args.stage == "mae" and not demo and not warmup_given:
+        args.warmup_epochs = 0.05 * args.epochs  # the release's 5 % warm-up
     if args.stage in S4D_STAGES and not args.model.startswith("s4d"):
         parser.error(f"--stage {args.stage} trains S4D: --model s4d_base or s4d_tiny, not {args.model}")
     if args.stage not in S4D_STAGES and args.model.startswith("s4d"):
         parser.error(f"--model {args.model} is S4D: train it with --stage joint or mae")
     args.data_root = args.data_root or data.DEFAULT_ROOTS[args.dataset]
     if args.stage in S4D_STAGES:
-        args.image_batch_size = args.image_batch_size or 2 * args.batch_size
+        # joint: twice the clips (the release's 32 and 16); mae: as many images as clip views (192 = 48 x 4)
+        args.image_batch_size = args.image_batch_size or (args.views if args.stage == "mae" else 2) * args.batch_size
         args.image_data_root = args.image_data_root or (args.data_root if demo else
                                                         data.DEFAULT_ROOTS[args.image_dataset])
     if not demo:  # a real dataset: the files it starts from, found now
@@ -449,7 +459,8 @@ if ddp:
     dist.init_process_group("nccl" if use_cuda else "gloo")
 master = rank == 0
 log = print if master else (lambda *a, **k: None)
-precision = ("bf16" if use_cuda else "fp32") if args.precision == "auto" else args.precision
+auto = "fp16" if args.stage == "mae" else "bf16"  # S4D's pre-training: the release's fp16, with a gradient scaler
+precision = (auto if use_cuda else "fp32") if args.precision == "auto" else args.precision
 if precision != "fp32" and not use_cuda:
     parser.error(f"--precision {precision} needs CUDA; on CPU training runs in fp32")
 amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -689,7 +700,7 @@ def s4d_losses(modality, batch, epoch, step_in_epoch):
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
-total_batch = per_step * world
+total_batch = per_step * world * views_per_clip  # S4D's pre-training counts every view of a clip
 lr = args.blr * total_batch / 8
 if args.min_lr is None:
     args.min_lr = 1e-6 * total_batch / 256 if args.stage == "joint" else 0.0  # S4D's: 1e-6 x total batch / 256
@@ -716,8 +727,10 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
 log(json.dumps(vars(args), indent=2))
+views_note = f" x {views_per_clip} views" if views_per_clip > 1 else ""
 log(f"{world} process(es) on {device}, {precision}; effective batch = {args.batch_size} x {args.accum_steps} accum x "
-    f"{world} = {total_batch}; lr = {args.blr:g} x {total_batch} / 8 = {lr:g}; {steps_per_epoch} steps per epoch")
+    f"{world}{views_note} = {total_batch}; lr = {args.blr:g} x {total_batch} / 8 = {lr:g}; {steps_per_epoch} steps "
+    "per epoch")
 log(f"data: {len(train_samples)} train / {len(val_samples)} validation / {len(test_samples)} test clips, "
     f"{len(classes)} classes")
 if s4d_stage:

@@ -4,6 +4,7 @@ with split files in the authors' formats, at the default places (data/<NAME>, we
 One training step through `train.py --dataset <name>` (only the model made small) and one evaluation through
 `eval.py`, run in that folder; a missing layout or weight file stops before anything runs, naming each path.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -151,3 +152,18 @@ def test_a_landmark_file_given_as_checkpoint_is_named(workdir):
     assert proc.stderr.strip().splitlines()[-1] == ("eval.py: weights/mobilefacenet_model_best.pth.tar: not an S2D or "
                                                    "ViT checkpoint: a MobileFaceNet landmark checkpoint (it belongs "
                                                    "to --landmark-weights)")
+
+
+def test_pretraining_on_a_release_layout_takes_the_release_rules(workdir, tmp_path):
+    """S4D's MAE pre-training on real data: as many images as clip views per step (the release's 192 = 48 x 4),
+    the lr rule counts the views, and the warm-up is 5 % of the epochs."""
+    stills = data.make_demo(tmp_path / "demo", num_clips=14, workers=1)  # its stills stand in for AffectNet
+    trained = run("train.py", "--stage", "mae", "--dataset", "dfew", "--model", "s4d_tiny", "--num-frames", "2",
+                  "--batch-size", "2", "--views", "3", "--epochs", "3", "--workers", "0", "--stop-after-steps", "1",
+                  "--image-dataset", "demo_image", "--image-data-root", str(stills), "--out", str(tmp_path / "mae"),
+                  cwd=workdir)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    config = json.loads((tmp_path / "mae" / "config.json").read_text())
+    assert config["args"]["image_batch_size"] == 6 and config["total_batch"] == 6  # 2 clips x 3 views, 1 process
+    assert config["lr"] == pytest.approx(2.5e-5 * 6 / 8) and config["args"]["warmup_epochs"] == pytest.approx(0.15)
+    assert "effective batch = 2 x 1 accum x 1 x 3 views = 6" in trained.stdout

@@ -290,3 +290,11 @@ def test_layer_decay_scales():
     assert M.layer_scale("blocks.11.moae.experts.0.fc1.weight", 12, 0.75) == 0.75  # a MoAE: its block's scale
     assert M.layer_scale("blocks.11.mlp.fc1.weight", 12, 0.75) == 0.75
     assert M.layer_scale("head.video.weight", 12, 0.75) == 1.0 == M.layer_scale("fc_norm.bias", 12, 0.75)
+
+
+def test_pretraining_decays_only_weight_matrices():
+    """Weight decay 0.05 in pre-training: none on biases, norms and the learned mask token (README, S4D)."""
+    mae = tiny(pretrain=True)
+    decayed = {n for n, p in mae.named_parameters() if not M.no_weight_decay(n, p)}
+    assert "mask_token" in dict(mae.named_parameters()) and "mask_token" not in decayed
+    assert decayed and all(dict(mae.named_parameters())[n].ndim >= 2 for n in decayed)
