@@ -7,6 +7,7 @@
 """
 import argparse
 import csv
+import io
 import logging
 import math
 import os
@@ -61,22 +62,31 @@ class SplitError(ValueError):
     """A split or annotation file that does not follow its official format; the message names file and line."""
 
 
+def _text(path):
+    """A split file's text: UTF-8, a leading byte-order mark dropped (spreadsheet programs write one)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SplitError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save it as UTF-8") from None
+
+
 def _rows(path, header):
     """Yield (line number, row dict) of a CSV file whose header must be exactly `header`."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        found = [h.strip() for h in next(reader, [])]
-        if found != list(header):
-            raise SplitError(f"{path}:1: expected header {','.join(header)!r}, found {','.join(found)!r}")
-        for row in reader:
-            if len(row) != len(header):
-                raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
-            yield reader.line_num, dict(zip(header, (v.strip() for v in row), strict=True))
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    found = [h.strip() for h in next(reader, [])]
+    if found != list(header):
+        raise SplitError(f"{path}:1: expected header {','.join(header)!r}, found {','.join(found)!r}")
+    for row in reader:
+        if len(row) != len(header):
+            raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
+        yield reader.line_num, dict(zip(header, (v.strip() for v in row), strict=True))
 
 
 def _words(path):
     """Yield (line number, [name, value]) of a whitespace-separated two-column list without header."""
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if line.strip():
             if len(line.split()) != 2:
                 raise SplitError(f"{path}:{n}: expected '<file> <label>', found {line!r}")
@@ -85,7 +95,7 @@ def _words(path):
 
 def _index(value, num_classes, path, line, base=0, hint=""):
     """A label written as an integer counted from `base`, checked against the class count."""
-    if not value.lstrip("-").isdigit():
+    if not re.fullmatch(r"-?[0-9]+", value):  # ASCII digits only: int() would take '²' for isdigit() and fail
         raise SplitError(f"{path}:{line}: label {value!r} is not an integer")
     if not base <= int(value) < num_classes + base:
         raise SplitError(f"{path}:{line}: label {value} outside {base}..{num_classes - 1 + base}{hint}")
@@ -95,17 +105,25 @@ def _index(value, num_classes, path, line, base=0, hint=""):
 def _read_dfew(path, one_based=False, **_):
     # The authors' split files count 0-6; the dataset's own files count 1-7 (one_based=True).
     hint = "" if one_based else " (DFEW's own files count 1-7: use one_based=True)"
-    return [Sample(r["video_name"].zfill(5), _index(r["label"], 7, path, n, int(one_based), hint))
+    return [Sample(_name(r["video_name"], path, n, r"[0-9]+", "a clip number").zfill(5),
+                   _index(r["label"], 7, path, n, int(one_based), hint))
             for n, r in _rows(path, ("video_name", "label"))]
 
 
+def _name(value, path, line, pattern=r".+", what="a path"):
+    """A sample's name as written, checked: never empty (it would name the media folder itself)."""
+    if not re.fullmatch(pattern, value):
+        raise SplitError(f"{path}:{line}: expected {what}, found {value!r}")
+    return value
+
+
 def _read_ferv39k(path, **_):
-    return [Sample(r["path"], _index(r["id"], 7, path, n)) for n, r in _rows(path, ("path", "id"))]
+    return [Sample(_name(r["path"], path, n), _index(r["id"], 7, path, n)) for n, r in _rows(path, ("path", "id"))]
 
 
 def _read_mafw(path, **_):
     if Path(path).suffix == ".csv":
-        return [Sample(r["video_name"], _index(r["labels"], 11, path, n))
+        return [Sample(_name(r["video_name"], path, n), _index(r["labels"], 11, path, n))
                 for n, r in _rows(path, ("video_name", "labels"))]
     samples = []
     for n, (name, label) in _words(path):
@@ -119,8 +137,12 @@ def _read_rafdb(path, split=None, **_):
     # list_patition_label.txt holds both splits; rows 'train_00001.jpg 5' point at Image/aligned/*_aligned.jpg.
     if split not in ("train", "test"):
         raise SplitError(f"{path}: RAF-DB needs split='train' or 'test' (or a '#train' / '#test' suffix)")
+    rows = list(_words(path))
+    for n, (name, _) in rows:
+        if not name.startswith(("train_", "test_")):
+            raise SplitError(f"{path}:{n}: expected a 'train_' or 'test_' image name, found {name!r}")
     return [Sample(f"{Path(name).stem}_aligned.jpg", _index(label, 7, path, n, base=1))
-            for n, (name, label) in _words(path) if name.startswith(split + "_")]
+            for n, (name, label) in rows if name.startswith(split + "_")]
 
 
 def _read_affectnet(path, num_classes, **_):

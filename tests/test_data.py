@@ -149,6 +149,37 @@ def test_non_integer_label_names_file_and_line(tmp_path):
         read_split("ferv39k", split)
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Spreadsheet programs save CSV and text with a UTF-8 byte-order mark; it is not part of the header or name."""
+    dfew = tmp_path / "train_set_1.csv"
+    dfew.write_bytes(b"\xef\xbb\xbfvideo_name,label\r\n2522,0\r\n")
+    assert read_split("dfew", dfew) == [Sample("02522", 0)]
+    mafw = tmp_path / "train.txt"
+    mafw.write_bytes("\ufeff03747.mp4 anger\n".encode())
+    assert read_split("mafw", mafw) == [Sample("03747.mp4", 0)]
+    rafdb = tmp_path / "list_patition_label.txt"
+    rafdb.write_bytes("\ufefftrain_00001.jpg 5\n".encode())
+    assert read_split("rafdb", f"{rafdb}#train") == [Sample("train_00001_aligned.jpg", 4)]
+
+
+@pytest.mark.parametrize("dataset, name, text, message", [
+    ("ferv39k", "train.csv", b"path,id\nCrime/Angry/0063,0\nCaf\xe9/Happy/0001,3\n",
+     r"train\.csv:3: not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
+    ("ferv39k", "train.csv", "path,id\nCrime/Angry/0063,\u00b2\n".encode(),
+     r"train\.csv:2: label '\u00b2' is not an integer"),
+    ("ferv39k", "train.csv", b"path,id\n,3\n", r"train\.csv:2: expected a path, found ''"),
+    ("dfew", "set_1.csv", b"video_name,label\n25x2,0\n", r"set_1\.csv:2: expected a clip number, found '25x2'"),
+    ("dfew", "set_1.csv", b"video_name,label\n,0\n", r"set_1\.csv:2: expected a clip number, found ''"),
+    ("rafdb", "list_patition_label.txt#train", b"train_00001.jpg 5\nTrain_00002.jpg 1\n",
+     r"list_patition_label\.txt:2: expected a 'train_' or 'test_' image name, found 'Train_00002.jpg'"),
+])
+def test_bad_text_in_a_split_file_names_file_and_line(tmp_path, dataset, name, text, message):
+    path, _, suffix = name.partition("#")
+    (tmp_path / path).write_bytes(text)
+    with pytest.raises(SplitError, match=message):
+        read_split(dataset, f"{tmp_path / path}" + (f"#{suffix}" if suffix else ""))
+
+
 def test_missing_split_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
         read_split("ferv39k", tmp_path / "nowhere.csv")

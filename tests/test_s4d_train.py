@@ -10,8 +10,8 @@ import torch
 from test_train import ENV, ROOT, TRAIN, assert_same_tensors
 
 pytestmark = pytest.mark.slow
-# 28 training clips in batches of 4: 7 video steps (5 after the validation split of 0.15: 7 clips); 116 stills in
-# batches of 8: 14 image batches, of which fine-tuning takes 7 and pre-training all
+# 28 training clips in batches of 4: 7 video steps (5 after the validation split of 0.15: 7 clips); 116 stills:
+# fine-tuning takes 7 of 14 batches of 8 (twice the clips), pre-training all 29 batches of 4 (clips x 1 view)
 TINY = ["--dataset", "demo", "--num-frames", "4", "--sampling-rate", "4", "--batch-size", "4", "--epochs", "1",
         "--workers", "0", "--val-fraction", "0.15", "--blr", "1e-3", "--warmup-epochs", "0.5"]
 
@@ -50,7 +50,7 @@ def test_mae_stage_trains_on_both_modalities(pretrained):
     for r in log:
         assert r["video_loss"] > 0 and r["image_loss"] > 0  # both modalities took steps
     assert log[1]["loss"] < log[0]["loss"]  # the reconstruction error falls
-    assert "7 video batches of 4 and 14 image batches of 8" in proc.stdout  # no validation split: every clip
+    assert "7 video batches of 4 and 29 image batches of 4" in proc.stdout  # no validation split: every clip
     assert "2 views" not in proc.stdout  # the demo's default: one view per clip
     results = json.loads((out / "results.json").read_text())
     assert results["last"]["epoch"] == 1 and not (out / "best.pt").exists()
