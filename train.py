@@ -290,14 +290,27 @@ def run_stage(title, folder, command, redo, needs=()):
                   flush=True)
             return False
         print(f"== {title}: {', '.join(map(str, newer))} finished after it; redone", flush=True)
+    previous = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if (folder / "results.json").exists():
+        folder.rename(previous)  # a finished run waits aside: a new one that fails or is stopped costs nothing
     shutil.rmtree(folder, ignore_errors=True)  # a stage that did not finish starts again
     threads = {"OMP_NUM_THREADS": "1"} if "torch.distributed.run" in command else {}
     print(f"== {title}\n   {' '.join([*(f'{k}={v}' for k, v in threads.items()), *command])}", flush=True)
     t0 = time.perf_counter()
-    code = subprocess.run(command, env={**os.environ, **threads}).returncode
-    if code != 0:
-        sys.exit(f"train.py: {title} failed (exit {code}); its messages are above. `python train.py` redoes it.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        code = subprocess.run(command, env={**os.environ, **threads}).returncode
+    except KeyboardInterrupt:
+        code = "Ctrl-C"
+    if code != 0 or not (folder / "results.json").exists():
+        back = ""
+        if previous.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            previous.rename(folder)
+            back = f" The finished run from before is back in {folder}."
+        why = f"failed (exit {code})" if code != 0 else "stopped before it finished"
+        sys.exit(f"train.py: {title} {why}; its messages are above.{back} `python train.py` redoes it.")
+    shutil.rmtree(previous, ignore_errors=True)
     (folder / "stage.json").write_text(json.dumps(dict(seconds=time.perf_counter() - t0, command=command)))
     print(f"== {title}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return True
@@ -362,6 +375,14 @@ def run_ablation(args, stages):
 
 
 args = parser.parse_args()
+for name, low in (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("val_every", 1), ("stop_after_steps", 1),
+                  ("image_batch_size", 1), ("views", 1), ("ablation_seeds", 1), ("procs", 1), ("workers", 0)):
+    if getattr(args, name) is not None and getattr(args, name) < low:
+        parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+if not 0 <= args.val_fraction < 1:
+    parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+given = {a.dest: a.option_strings[0] for a in parser._actions  # the options typed, as typed (for --resume below)
+         if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default}
 
 
 def one_line_errors(kind, err, tb):
@@ -387,6 +408,13 @@ if args.retrain or args.ablation or args.demo_args or args.procs:
 if args.resume:  # the saved options win, except the runtime ones
     runtime = {k: getattr(args, k) for k in RUNTIME_OPTIONS}
     ckpt = safe_load(Path(args.resume) / "last.pt")
+    # the run continues with the options it was started with: one typed with another value would be ignored
+    saved = ckpt["args"]
+    other = [f"{option} {getattr(args, dest)!r} (the run's: {saved.get(dest)!r})" for dest, option in given.items()
+             if dest not in (*RUNTIME_OPTIONS, "out") and getattr(args, dest) != saved.get(dest)]
+    if other:
+        parser.error(f"--resume {args.resume} continues the run with its own options; given otherwise: "
+                     f"{'; '.join(other)}. Start a new run (another --out) to change them")
     args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
     if args.workers is None:  # not given again: as the run had it
         args.workers = ckpt["args"].get("workers") or 0
@@ -470,8 +498,9 @@ existing = next(p for p in (out, *out.parents) if p.exists())  # --out is made o
 if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     parser.error(f"--out {out}: cannot create or write it ({existing} is "
                  f"{'not a folder' if not existing.is_dir() else 'not writable'})")
-if not args.resume and (out / "last.pt").exists() and args.dataset != "demo":
-    parser.error(f"{out} holds a checkpoint: continue it with --resume {out}, or choose another --out")
+if not args.resume and any((out / name).exists() for name in ("last.pt", "best.pt", "results.json")):
+    parser.error(f"{out} holds a run: continue it with --resume {out}, or choose another --out (the demo "
+                 "pipeline's --retrain redoes its stages)")
 
 # ----------------------------------------------------------------------------- data
 root = Path(args.data_root)
@@ -641,8 +670,11 @@ if s4d_stage:  # the images: class-balanced with replacement for fine-tuning (al
               for m, names in (("video", classes), ("image", image_classes))}
 
 
-def ignore_sigint(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which saves and exits
+def ignore_stop_signals(_):
+    """Ctrl-C and SIGTERM are for the main process, which finishes its step, saves and exits. A shell's Ctrl-C, and
+    scancel or systemd's SIGTERM, reach every process of the group: a worker killed by them would crash the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None, steps=None):
@@ -656,7 +688,7 @@ def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None
     views = dataset.train_views  # 1, or S4D pre-training's views of each clip, side by side
     order = [k * views + v for k in order for v in range(views)]
     return DataLoader(dataset, batch_size=batch_size * views, sampler=order, num_workers=args.workers,
-                      pin_memory=use_cuda, worker_init_fn=ignore_sigint,
+                      pin_memory=use_cuda, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
@@ -770,7 +802,7 @@ def save_checkpoint(names, epoch, step_in_epoch):
         return
     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=scaler.state_dict(), anchors=anchors.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
-                 step=step, meter=meter, best=best, rng=rngs, config=dataclasses.asdict(raw_model.cfg),
+                 step=step, meter=meter, best=best, pending=pending, rng=rngs, config=dataclasses.asdict(raw_model.cfg),
                  args=vars(args), classes=list(classes), world_size=world)
     first = out / f"{names[0]}.tmp"
     try:
@@ -794,6 +826,7 @@ def new_meter():  # S4D also keeps its loss per modality: video_loss / video_ste
 
 
 start_epoch, skip, step, meter, best = 0, 0, 0, new_meter(), dict(score=-1.0, epoch=-1)
+pending = None  # a trained epoch's meter until its validation, log line and second save are done (see end_epoch)
 if ckpt is not None:
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -801,6 +834,7 @@ if ckpt is not None:
     scaler.load_state_dict(ckpt["scaler"])
     anchors.load_state_dict(ckpt["anchors"])
     start_epoch, skip, step, meter, best = (ckpt[k] for k in ("epoch", "step_in_epoch", "step", "meter", "best"))
+    pending = ckpt.get("pending")  # the run ended in validation: it is done first, then training goes on
     if ckpt["world_size"] != world:
         log(f"warning: the run used {ckpt['world_size']} processes, now {world}: the sampling order changes")
     set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
@@ -813,9 +847,11 @@ if master:
         config = dict(args=vars(args), model=dataclasses.asdict(raw_model.cfg), classes=list(classes),
                       world_size=world, total_batch=total_batch, lr=lr, steps_per_epoch=steps_per_epoch)
         (out / "config.json").write_text(json.dumps(config, indent=2))
-    # an epoch that did not reach its checkpoint is redone: drop its log line
+    # an epoch that did not reach its checkpoint is redone, and one whose validation did not end is validated
+    # again: drop their log lines
     old = (out / "log.jsonl").read_text().splitlines() if args.resume and (out / "log.jsonl").exists() else []
-    (out / "log.jsonl").write_text("".join(f"{r}\n" for r in old if json.loads(r)["epoch"] < start_epoch))
+    keep = start_epoch - (pending is not None)
+    (out / "log.jsonl").write_text("".join(f"{r}\n" for r in old if json.loads(r)["epoch"] < keep))
 
 stop_signal = None
 
@@ -851,6 +887,45 @@ def finish(code, message):
         dist.destroy_process_group()
     sys.exit(code)
 
+
+def end_epoch(epoch):
+    """After epoch's training (its meter in `pending`, last.pt saved): validation, the log line, best.pt, and
+    last.pt again. A run that ends in here (a crash, kill -9) does it again on --resume, from that first last.pt."""
+    global best, pending
+    done = pending
+    validate = val_samples and ((epoch + 1) % args.val_every == 0 or epoch == args.epochs - 1)
+    val = evaluate(raw_model, landmark_net, val_ds, args.batch_size, device, workers=args.workers,
+                   amp=precision == "bf16") if validate else None
+    n = max(1, done["steps"])
+    record = dict(epoch=epoch, step=step, lr=done["lr"], loss=done["loss"] / n, ce=done["ce"] / n,
+                  bce=done["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
+                  replaced=done["replaced"], clips_per_s=done["clips"] / max(done["seconds"], 1e-9),
+                  seconds=done["seconds"])
+    if s4d_stage:  # the loss per modality (CE, or the reconstruction error), and the MoAE balance loss
+        del record["ce"], record["bce"], record["sdl_lambda"]
+        record.update({f"{m}_loss": done[f"{m}_loss"] / max(1, done[f"{m}_steps"]) for m in ("video", "image")})
+        if args.stage == "joint":
+            record["balance"] = done["bce"] / n
+    if val is not None:
+        record.update(val_uar=val["uar"], val_war=val["war"])
+    log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in record.items() if k != "epoch"))
+    if master:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    names = ["last.pt"]
+    if val is not None and val[args.select] >= best["score"]:  # a tie goes to the later, longer-trained epoch
+        best = dict(score=val[args.select], epoch=epoch)
+        names.append("best.pt")
+    pending = None
+    save_checkpoint(names, epoch + 1, 0)  # again after validation: the new best, and the RNG as validation left it
+    if stop_requested():
+        finish(0, f"stopped by {signal.Signals(stop_signal).name if stop_signal else '--stop-after-steps'} after "
+                  f"epoch {epoch}; {out / 'last.pt'} saved; continue with: python train.py --resume {out}")
+
+
+if pending is not None:  # resumed in the middle of end_epoch
+    end_epoch(start_epoch - 1)
 
 # ----------------------------------------------------------------------------- training
 for epoch in range(start_epoch, args.epochs):
@@ -915,37 +990,10 @@ for epoch in range(start_epoch, args.epochs):
                       f"{out / 'last.pt'} saved; continue with: python train.py --resume {out}")
     bar.close()
     meter["seconds"] += time.perf_counter() - t0
-    done, skip, meter = meter, 0, new_meter()
+    pending, skip, meter = meter, 0, new_meter()
     save_checkpoint(["last.pt"], epoch + 1, 0)  # before validation: a clip that fails there costs no training
+    end_epoch(epoch)
 
-    validate = val_samples and ((epoch + 1) % args.val_every == 0 or epoch == args.epochs - 1)
-    val = evaluate(raw_model, landmark_net, val_ds, args.batch_size, device, workers=args.workers,
-                   amp=precision == "bf16") if validate else None
-    n = max(1, done["steps"])
-    record = dict(epoch=epoch, step=step, lr=done["lr"], loss=done["loss"] / n, ce=done["ce"] / n,
-                  bce=done["bce"] / n, sdl_lambda=sdl_weight(epoch + 1 - 1 / steps_per_epoch),
-                  replaced=done["replaced"], clips_per_s=done["clips"] / max(done["seconds"], 1e-9),
-                  seconds=done["seconds"])
-    if s4d_stage:  # the loss per modality (CE, or the reconstruction error), and the MoAE balance loss
-        del record["ce"], record["bce"], record["sdl_lambda"]
-        record.update({f"{m}_loss": done[f"{m}_loss"] / max(1, done[f"{m}_steps"]) for m in ("video", "image")})
-        if args.stage == "joint":
-            record["balance"] = done["bce"] / n
-    if val is not None:
-        record.update(val_uar=val["uar"], val_war=val["war"])
-    log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in record.items() if k != "epoch"))
-    if master:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-    names = ["last.pt"]
-    if val is not None and val[args.select] >= best["score"]:  # a tie goes to the later, longer-trained epoch
-        best = dict(score=val[args.select], epoch=epoch)
-        names.append("best.pt")
-    save_checkpoint(names, epoch + 1, 0)  # again after validation: the new best, and the RNG as validation left it
-    if stop_requested():
-        finish(0, f"stopped by {signal.Signals(stop_signal).name if stop_signal else '--stop-after-steps'} after "
-                  f"epoch {epoch}; {out / 'last.pt'} saved; continue with: python train.py --resume {out}")
 
 # ----------------------------------------------------------------------------- what was frozen stayed frozen
 changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p.detach(), frozen[n])]

@@ -154,3 +154,16 @@ def test_ablation_runs_are_redone_after_the_stage_they_start_from(demo, first_ru
     assert any(line.startswith("== ablation (c)") and "finished after it; redone" in line for line in lines)
     assert sum(line.startswith("== ablation") and "reused" in line for line in lines) == 3, stdout
     assert ran(stdout) == []
+
+
+def test_a_failed_retrain_keeps_the_finished_stage(demo, first_run):
+    runs, _ = first_run
+    before = {p.name: p.read_bytes() for p in (runs / "demo-video").iterdir()}
+    cmd = [sys.executable, TRAIN, "--data-root", str(demo), "--out", str(runs), "--retrain", "video",
+           "--demo-args", QUICK + " --epochs 0"]  # the stage's own command refuses --epochs 0
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1 and "--epochs must be at least 1" in proc.stderr
+    assert f"failed (exit 1); its messages are above. The finished run from before is back in " \
+           f"{runs / 'demo-video'}." in proc.stderr, proc.stderr  # exit 1: torchrun's, for its process's 2
+    assert {p.name: p.read_bytes() for p in (runs / "demo-video").iterdir()} == before
+    assert not (runs / "demo-video.previous").exists()

@@ -106,15 +106,26 @@ def test_resume_is_bit_exact(demo, tmp_path):
     assert results[0] == results[1]
 
 
-def test_sigterm_saves_a_loadable_checkpoint(demo, tmp_path):
+@pytest.mark.parametrize("to", ["the process", "its process group"])
+def test_sigterm_saves_a_loadable_checkpoint(demo, tmp_path, to):
+    """SIGTERM to train.py, or to its whole process group with a loading worker (as scancel and systemd send it:
+    the worker ignores it, so it does not die and crash the run)."""
     err, out = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
     cmd = [sys.executable, TRAIN, "--data-root", demo, "--out", str(tmp_path / "run"), *TINY, "--epochs", "50"]
+    group = to == "its process group"
     with open(err, "w") as stderr, open(out, "w") as stdout_file:
-        proc = subprocess.Popen(cmd, stdout=stdout_file, stderr=stderr, text=True, env=ENV, cwd=ROOT)
+        proc = subprocess.Popen(cmd + (["--workers", "1"] if group else []), stdout=stdout_file, stderr=stderr,
+                                text=True, env=ENV, cwd=ROOT, start_new_session=group)
         deadline = time.monotonic() + 300
         while "epoch 0:" not in out.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the line of epoch 0 is printed when its checkpoint is due: training is under way
-        proc.send_signal(signal.SIGTERM)
+        if group:  # once a loading worker (a child process) runs
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            while not children.read_text().split() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     stdout = out.read_text()
     assert proc.returncode == 0, err.read_text()[-3000:]
@@ -194,6 +205,18 @@ def test_last_pt_is_saved_before_validation(demo, tmp_path):
     assert proc.returncode != 0 and clip.path in proc.stderr  # validation names the clip it could not decode
     ckpt = safe_load(tmp_path / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (1, 0, 10)  # epoch 0's training is kept
+    shutil.rmtree(broken / clip.path)
+    shutil.copytree(Path(demo) / clip.path, broken / clip.path)  # the clip repaired: resume validates epoch 0 first
+    train(str(broken), tmp_path / "run", "--resume", str(tmp_path / "run"))
+    train(demo, tmp_path / "whole", "--epochs", "2")
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("run", "whole")]
+    assert [r["epoch"] for r in logs[0]] == [0, 1]
+    assert [r["val_war"] for r in logs[0]] == [r["val_war"] for r in logs[1]]
+    run, whole = (safe_load(tmp_path / name / "last.pt") for name in ("run", "whole"))
+    assert_same_tensors(run["model"], whole["model"], "model")
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("run", "whole")]
+    assert results[0] == results[1]
 
 
 def test_a_non_finite_loss_before_any_checkpoint_claims_none(demo, tmp_path):
@@ -332,6 +355,31 @@ def test_an_unwritable_out_is_refused_before_any_work(demo, tmp_path):
             assert time.monotonic() - start < 120
     finally:
         locked.chmod(0o700)
+
+
+def test_a_finished_run_is_never_overwritten_and_resume_refuses_other_options(demo, tmp_path):
+    out = tmp_path / "run"
+    train(demo, out, "--epochs", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = train(demo, out, "--epochs", "1", check=False)  # the demo's dataset too: no exemption
+    assert again.returncode == 2 and f"{out} holds a run: continue it with --resume {out}" in again.stderr
+    other = train(demo, out, "--resume", str(out), "--epochs", "3", check=False)
+    assert other.returncode == 2 and "given otherwise: --epochs 3 (the run's: 1)" in other.stderr, other.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--val-every", "0", "--val-every must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--accum-steps", "0", "--accum-steps must be at least 1, got 0"),
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),
+    ("--val-fraction", "-0.3", "--val-fraction must be in [0, 1), got -0.3"),
+])
+def test_numbers_out_of_range_are_refused_at_once(tmp_path, option, value, message):
+    proc = subprocess.run([sys.executable, TRAIN, "--dataset", "demo", "--stage", "video", "--out",
+                           str(tmp_path / "run"), option, value], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "run").exists(), proc.stderr
 
 
 # ----------------------------------------------------------------------------- frames as users have them
