@@ -336,12 +336,23 @@ def parse_args(argv=None):
         p.error("--detector and --annotate belong to --video (one clip of your own)")
     if args.annotate and not args.detector:
         p.error("--annotate draws the detected face: give --detector too")
+    if args.out and args.video:
+        p.error("--out writes the per-clip predictions of --dataset's test split; --video prints its one clip's")
+    try:
+        parse_folds(args)
+    except ValueError as err:
+        p.error(str(err))
     if args.out:  # found before the evaluation, not after it
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             p.error(f"--out {args.out}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK) or os.path.isdir(args.out):
             p.error(f"--out {args.out}: cannot write a file there")
+        checkpoints = ([args.checkpoint.format(fold=f) for f in parse_folds(args)] if "{fold}" in args.checkpoint
+                       else [args.checkpoint])
+        inputs = [*checkpoints, (args.split or "").partition("#")[0]]
+        if os.path.exists(args.out) and any(os.path.exists(f) and os.path.samefile(args.out, f) for f in inputs):
+            p.error(f"--out {args.out} is an input of this evaluation (the checkpoint or the split): choose another")
     return args
 
 
@@ -359,12 +370,18 @@ def check_classes(path, ckpt, dataset, num_classes, allow=False):
 
 
 def parse_folds(args):
+    """--folds '1-5' or '1,3' (else --fold) -> the fold numbers; ValueError naming --folds when it is neither."""
     if not args.folds:
         return [args.fold]
+    parts = args.folds.split("-") if "-" in args.folds else args.folds.split(",")
+    if not all(x.strip().isdigit() for x in parts) or ("-" in args.folds and len(parts) != 2):
+        raise ValueError(f"--folds {args.folds!r}: expected a range such as 1-5 or a list such as 1,3")
     if "-" in args.folds:
-        first, last = (int(x) for x in args.folds.split("-"))
+        first, last = (int(x) for x in parts)
+        if last < first:
+            raise ValueError(f"--folds {args.folds!r}: the range is empty (its last fold comes before its first)")
         return list(range(first, last + 1))
-    return [int(x) for x in args.folds.split(",")]
+    return [int(x) for x in parts]
 
 
 def setup(device_arg):
@@ -511,7 +528,10 @@ def summarize(results, names):
 
 
 def write_csv(path, per_fold):
-    with open(path, "w", newline="") as f:
+    """The per-clip predictions, written to a temporary file first: an earlier file is replaced only when the new
+    one is whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
         out = csv.writer(f)
         names = next(iter(per_fold.values()))[2]
         out.writerow(["fold", "index", "path", "label", "pred"] + [f"prob_{n}" for n in names])
@@ -521,6 +541,7 @@ def write_csv(path, per_fold):
                     [fold, p["index"], samples[p["index"]].path, p["label"], p["pred"]]
                     + [f"{x:.6f}" for x in p["probs"]]
                 )
+    os.replace(tmp, path)
 
 
 def looks_uncropped(frame, model_side):

@@ -263,6 +263,28 @@ def test_a_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, capsys):
     eval_main(["--checkpoint", same] + run)
 
 
+@pytest.mark.parametrize("extra, why", [
+    (["--out", "{tmp}/c1.pth"], "--out {tmp}/c1.pth is an input of this evaluation (the checkpoint or the split)"),
+    (["--out", "{tmp}/split.csv", "--split", "{tmp}/split.csv"], "is an input of this evaluation"),
+    (["--folds", "5-1"], "--folds '5-1': the range is empty"),
+    (["--folds", "1-x"], "--folds '1-x': expected a range such as 1-5 or a list such as 1,3"),
+])
+def test_an_out_that_is_an_input_and_bad_folds_are_refused(tmp_path, capsys, extra, why):
+    for name in ("c1.pth", "split.csv"):
+        (tmp_path / name).write_bytes(b"keep me")
+    args = ["--checkpoint", str(tmp_path / "c{fold}.pth"), "--dataset", "dfew", "--data-root", "r", "--folds", "1"]
+    with pytest.raises(SystemExit) as stop:
+        eval_parse_args(args + [a.format(tmp=tmp_path) for a in extra])
+    assert stop.value.code == 2 and why.format(tmp=tmp_path) in capsys.readouterr().err
+    assert all((tmp_path / name).read_bytes() == b"keep me" for name in ("c1.pth", "split.csv"))
+
+
+def test_out_with_video_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        eval_parse_args(["--checkpoint", "c", "--video", "v.mp4", "--out", "p.csv"])
+    assert "--out writes the per-clip predictions of --dataset's test split" in capsys.readouterr().err
+
+
 def test_an_unwritable_out_is_refused_before_evaluating(tmp_path, capsys):
     for out, why in ((tmp_path / "missing" / "p.csv", "does not exist"), (tmp_path, "cannot write a file there")):
         with pytest.raises(SystemExit) as stop:
