@@ -174,9 +174,12 @@ def _read_ferplus(path, split=None, **_):
             raise SplitError(f"{path}:{n}: Usage {v['Usage']} differs from {pixels_path}:{m} ({p['Usage']})")
         if v["Usage"] != usage:
             continue
-        grey = np.array(p["pixels"].split(), np.uint8)
-        if grey.size != 48 * 48:
-            raise SplitError(f"{pixels_path}:{m}: expected 2304 pixel values, found {grey.size}")
+        values = p["pixels"].split()
+        bad = [v for v in values if not re.fullmatch(r"[0-9]{1,3}", v) or int(v) > 255]
+        if len(values) != 48 * 48 or bad:
+            raise SplitError(f"{pixels_path}:{m}: expected 2304 pixel values 0-255, found {len(values)} values"
+                             + (f", {len(bad)} of them not in 0-255 (first {bad[0]!r})" if bad else ""))
+        grey = np.array(values, np.uint8)
         label = _ferplus_majority([_index(v[c], 10**6, path, n) for c in CLASSES["ferplus"] + ("unknown", "NF")])
         if label is None or not v["Image name"]:
             excluded += 1
@@ -311,6 +314,8 @@ def _read_video(path, pick):
     last one; otherwise, or when the timestamps do not match the count, count the packets and decode from the start
     up to the last wanted frame."""
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ClipError(f"{path}: no video stream")
         stream, rgb = container.streams.video[0], VideoReformatter()
         stream.thread_type = "AUTO"
         stream.codec_context.options = STRICT

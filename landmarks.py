@@ -274,8 +274,16 @@ def check_landmark_state_dict(path, sd, reference, what="MobileFaceNet-68"):
         raise ValueError(f"{path}: expected a state dict of {what}, found {type(sd).__name__}")
     missing = sorted(reference.keys() - sd.keys())
     unexpected = sorted(sd.keys() - reference.keys())
+
+    def some(keys):  # a few names, not thousands of characters
+        return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else "none"
+
     if missing or unexpected:
-        raise ValueError(f"{path} is not the {what} checkpoint: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(f"{path} is not the {what} checkpoint: missing keys {some(missing)}, unexpected keys "
+                         f"{some(unexpected)}")
+    odd = sorted(k for k in reference if not isinstance(sd[k], torch.Tensor))
+    if odd:
+        raise ValueError(f"{path}: expected tensors, found other values for {some(odd)}")
     wrong = [f"{k}: expected {tuple(v.shape)}, found {tuple(sd[k].shape)}" for k, v in reference.items()
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:

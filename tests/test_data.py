@@ -97,6 +97,28 @@ def test_ferplus_majority_vote_and_pixels(tmp_path):
     assert frames.shape == (1, 48, 48, 3) and frames[0, 0, 5].tolist() == [5, 5, 5] and frames[0, 47, 47, 0] == 255
 
 
+def test_ferplus_pixels_out_of_range_name_file_and_line(tmp_path):
+    votes = ferplus_files(tmp_path)
+    pixels = (tmp_path / "fer2013.csv").read_text().splitlines()
+    pixels[2] = pixels[2].replace(",0 1 2 ", ",0 300 2 ", 1)  # row 2 of the pixels, its second value
+    (tmp_path / "fer2013.csv").write_text("\n".join(pixels) + "\n")
+    with pytest.raises(SplitError, match=r"fer2013\.csv:3: expected 2304 pixel values 0-255, found 2304 values, 1 of "
+                                         r"them not in 0-255 \(first '300'\)"):
+        read_split("ferplus", f"{votes}#train")
+
+
+def test_a_video_without_a_video_stream_is_named(tmp_path):
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    with pytest.raises(data.ClipError, match=r"sound\.mp4: no video stream"):
+        data.load_clip(Sample("sound.mp4", 0), tmp_path)
+
+
 def test_ferplus_test_split_excludes_not_a_face(tmp_path):
     with pytest.raises(SplitError, match="no samples"):
         read_split("ferplus", f"{ferplus_files(tmp_path)}#test")

@@ -69,12 +69,25 @@ def test_missing_or_renamed_key_is_named(tmp_path, fixture_json):
     key = "conv_4.model.3.conv_dw.prelu.weight"
     missing = {k: v for k, v in sd.items() if k != key}
     torch.save({"state_dict": missing}, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"missing\.pth.*missing keys \['conv_4\.model\.3\.conv_dw\.prelu\.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing\.pth.*missing keys 1 \(conv_4\.model\.3\.conv_dw\.prelu\.weight\)"):
         LandmarkFeatures(weights=tmp_path / "missing.pth")
     renamed = dict(missing, **{"conv_4.model.3.conv_dw.act.weight": sd[key]})
     torch.save({"state_dict": renamed}, tmp_path / "renamed.pth")
-    with pytest.raises(ValueError, match=r"unexpected keys \['conv_4\.model\.3\.conv_dw\.act\.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keys 1 \(conv_4\.model\.3\.conv_dw\.act\.weight\)"):
         LandmarkFeatures(weights=tmp_path / "renamed.pth")
+
+
+def test_a_file_of_other_layers_or_values_is_named_briefly(tmp_path, fixture_json):
+    sd = fake_checkpoint_sd(fixture_json(FIXTURE)["state_dict"])
+    torch.save({"state_dict": {f"blocks.{i}.weight": torch.zeros(1) for i in range(500)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError) as err:
+        LandmarkFeatures(weights=tmp_path / "other.pth")
+    assert f"missing keys {len(sd)} (" in str(err.value) and "unexpected keys 500 (" in str(err.value)
+    assert len(str(err.value)) < 600
+    key = "conv_4.model.3.conv_dw.prelu.weight"
+    torch.save({"state_dict": dict(sd, **{key: [1.0, 2.0]})}, tmp_path / "lists.pth")
+    with pytest.raises(ValueError, match=rf"lists\.pth: expected tensors, found other values for 1 \({key}\)"):
+        LandmarkFeatures(weights=tmp_path / "lists.pth")
 
 
 def test_wrong_shape_is_named(tmp_path, fixture_json):
