@@ -7,7 +7,6 @@
 """
 import argparse
 import csv
-import io
 import logging
 import math
 import os
@@ -73,15 +72,21 @@ def _text(path):
 
 
 def _rows(path, header):
-    """Yield (line number, row dict) of a CSV file whose header must be exactly `header`."""
-    reader = csv.reader(io.StringIO(_text(path), newline=""))
-    found = [h.strip() for h in next(reader, [])]
-    if found != list(header):
-        raise SplitError(f"{path}:1: expected header {','.join(header)!r}, found {','.join(found)!r}")
-    for row in reader:
-        if len(row) != len(header):
-            raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
-        yield reader.line_num, dict(zip(header, (v.strip() for v in row), strict=True))
+    """Yield (line number, row dict) of a CSV file whose header must be exactly `header`. Read as a stream (AffectNet's
+    lists are large); text that is not UTF-8 is located by _text, then."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            found = [h.strip() for h in next(reader, [])]
+            if found != list(header):
+                raise SplitError(f"{path}:1: expected header {','.join(header)!r}, found {','.join(found)!r}")
+            for row in reader:
+                if len(row) != len(header):
+                    raise SplitError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(row)}")
+                yield reader.line_num, dict(zip(header, (v.strip() for v in row), strict=True))
+        except UnicodeDecodeError:
+            _text(path)  # raises the SplitError naming the line
+            raise
 
 
 def _words(path):

@@ -427,12 +427,17 @@ def load_model(path, device, show=print):
     return model.to(device).eval(), ckpt
 
 
+def training_args(ckpt):
+    """The options the checkpoint's training run saved, as a dict (train.py's dict, the release's Namespace), or {}."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+
+
 def class_names(ckpt, dataset, num_classes):
     """Names from --dataset, else the checkpoint's recorded dataset (ours or the release's args), else indices."""
     recorded = []
     if isinstance(ckpt, dict):
-        args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+        args = training_args(ckpt)
         recorded = [ckpt.get("dataset"), args.get("dataset"), args.get("data_set")]
     for name in (dataset, *recorded):
         key = str(name).lower() if name else None
@@ -443,8 +448,7 @@ def class_names(ckpt, dataset, num_classes):
 
 def recorded(ckpt, name, default=None):
     """An option the checkpoint's training run recorded (train.py saves its arguments), else default."""
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    args = training_args(ckpt)
     return args.get(name) if args.get(name) is not None else default
 
 
@@ -457,11 +461,10 @@ def landmark_view(args, ckpt, model, device, show=print):
     pass, never a silent untrained view. A narrower view (the demo's tiny detector) is the untrained, seeded one."""
     if not getattr(model.cfg, "mcp", False):  # S4D has no landmark view
         return None
-    train_args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else train_args or {}
+    train_args = training_args(ckpt)
     if args.landmark_weights:
         weights = None if args.landmark_weights == "none" else args.landmark_weights
-    elif isinstance(train_args, dict) and "landmark_weights" in train_args:  # written by train.py
+    elif "landmark_weights" in train_args:  # written by train.py
         weights = train_args["landmark_weights"]
         show(f"landmark view: {weights or 'the untrained, seeded detector'} (recorded in the checkpoint)")
     elif model.cfg.landmark_channels == landmarks.PRESETS["mobilefacenet"]["feature_width"]:

@@ -281,14 +281,14 @@ def finished_after(folder, needs):
 
 def run_stage(title, folder, command, redo, needs=()):
     """Run one stage unless it is finished (and not to be redone, and none of the stages it starts from, `needs`,
-    finished after it: a --retrain of those, now or in an earlier call, makes it stale); True when it ran."""
+    finished after it: a --retrain of those, now or in an earlier call, makes it stale)."""
     if not redo and (folder / "results.json").exists():
         newer = finished_after(folder, needs)
         if not newer:
             took = json.loads((folder / "stage.json").read_text())["seconds"] if (folder / "stage.json").exists() else 0
             print(f"== {title}: finished in {folder} ({took:.0f} s when it ran), reused; --retrain redoes it",
                   flush=True)
-            return False
+            return
         print(f"== {title}: {', '.join(map(str, newer))} finished after it; redone", flush=True)
     previous = folder.with_name(folder.name + ".previous")
     shutil.rmtree(previous, ignore_errors=True)
@@ -313,7 +313,6 @@ def run_stage(title, folder, command, redo, needs=()):
     shutil.rmtree(previous, ignore_errors=True)
     (folder / "stage.json").write_text(json.dumps(dict(seconds=time.perf_counter() - t0, command=command)))
     print(f"== {title}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return True
 
 
 def best_test(folder):
@@ -323,14 +322,15 @@ def best_test(folder):
 
 def run_demo(args):
     root, t_start = Path(args.data_root or "data/demo"), time.perf_counter()
-    stages, redo = DemoStages(args, root), args.retrain == "all"
+    stages = DemoStages(args, root)
     if not (root / "train.csv").exists():
         print(f"== the demo dataset: making it in {root}", flush=True)
         data.make_demo(root)
         print(f"== the demo dataset: done in {time.perf_counter() - t_start:.0f} s", flush=True)
+    # what each stage starts from: one redone (--retrain) makes the stages after it stale, so they are redone too
     needs = {"landmarks": [], "image": [stages.landmarks()[0]], "video": [stages.landmarks()[0], stages.image()[0]]}
     for k, (name, title) in enumerate(DEMO_STAGES.items(), 1):
-        redo = run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), redo or args.retrain == name, needs[name])
+        run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), args.retrain in ("all", name), needs[name])
     if args.ablation:
         run_ablation(args, stages)
     lm, image, video = (json.loads((getattr(stages, n)()[0] / "results.json").read_text()) for n in DEMO_STAGES)
