@@ -30,6 +30,7 @@ Exit status: 0 when done, and also when stopped by SIGTERM / SIGINT (after the c
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -236,7 +237,8 @@ ABLATION = [  # (key, row, image stage it starts from, extra options of its vide
 
 
 class DemoStages:
-    """Run folders and commands of the demo's stages under `runs`, the ablation's included."""
+    """The demo's stages under `runs`, the ablation's included. Each method gives a stage as (folder, command,
+    needs): needs are the folders of the stages it starts from (one finished after it makes it stale)."""
 
     def __init__(self, args, root):
         self.runs, self.root, self.extra = Path(args.out or "runs"), str(root), shlex.split(args.demo_args)
@@ -258,19 +260,24 @@ class DemoStages:
 
     def landmarks(self):
         out = self.runs / "demo-landmarks"
-        return out, [sys.executable, landmarks.__file__, "--train", "--data-root", self.root, "--out", str(out)]
+        return out, [sys.executable, landmarks.__file__, "--train", "--data-root", self.root, "--out", str(out)], []
 
     def image(self, name="image", mcp=True):
         out = self.runs / f"demo-{name}"
         view = ["--landmark-weights", self.weights] if mcp else ["--no-mcp"]
         return out, self.train("demo image", "--data-root", self.root, "--stage", "image", "--dataset",
-                               "demo_image", *view, *self.extra, "--out", str(out))
+                               "demo_image", *view, *self.extra, "--out", str(out)), self._view(mcp)
 
     def video(self, image="image", out=None, extra=()):
-        out = out or self.runs / "demo-video"
-        view = [] if "--no-mcp" in extra else ["--landmark-weights", self.weights]
+        out, mcp = out or self.runs / "demo-video", "--no-mcp" not in extra
+        view = ["--landmark-weights", self.weights] if mcp else []
+        init = self.runs / f"demo-{image}"
         return out, self.train("demo video", "--data-root", self.root, "--stage", "video", *view, *self.extra,
-                               "--init", str(self.runs / f"demo-{image}" / "best.pt"), *extra, "--out", str(out))
+                               "--init", str(init / "best.pt"), *extra, "--out", str(out)), [init, *self._view(mcp)]
+
+    def _view(self, mcp):
+        """The landmark stage's folder, for a stage that uses the landmark view (MCP)."""
+        return [self.runs / "demo-landmarks"] if mcp else []
 
 
 def finished_after(folder, needs):
@@ -279,9 +286,11 @@ def finished_after(folder, needs):
     return [n for n in needs if (n / "results.json").exists() and (n / "results.json").stat().st_mtime_ns > done]
 
 
-def run_stage(title, folder, command, redo, needs=()):
-    """Run one stage unless it is finished (and not to be redone, and none of the stages it starts from, `needs`,
-    finished after it: a --retrain of those, now or in an earlier call, makes it stale)."""
+def run_stage(title, stage, redo):
+    """Run one stage, (folder, command, needs) of DemoStages, unless it is finished (and not to be redone, and none
+    of the stages it starts from, `needs`, finished after it: a --retrain of those, now or in an earlier call, makes
+    it stale)."""
+    folder, command, needs = stage
     if not redo and (folder / "results.json").exists():
         newer = finished_after(folder, needs)
         if not newer:
@@ -327,10 +336,8 @@ def run_demo(args):
         print(f"== the demo dataset: making it in {root}", flush=True)
         data.make_demo(root)
         print(f"== the demo dataset: done in {time.perf_counter() - t_start:.0f} s", flush=True)
-    # what each stage starts from: one redone (--retrain) makes the stages after it stale, so they are redone too
-    needs = {"landmarks": [], "image": [stages.landmarks()[0]], "video": [stages.landmarks()[0], stages.image()[0]]}
     for k, (name, title) in enumerate(DEMO_STAGES.items(), 1):
-        run_stage(f"stage {k}/3, {title}", *getattr(stages, name)(), args.retrain in ("all", name), needs[name])
+        run_stage(f"stage {k}/3, {title}", getattr(stages, name)(), args.retrain in ("all", name))
     if args.ablation:
         run_ablation(args, stages)
     lm, image, video = (json.loads((getattr(stages, n)()[0] / "results.json").read_text()) for n in DEMO_STAGES)
@@ -352,7 +359,7 @@ def spread(xs):
 def run_ablation(args, stages):
     """The video stage with components switched off, on the same data and seeds; the table as README shows it."""
     t0, folder = time.perf_counter(), stages.runs / "ablation"
-    run_stage("ablation: image stage without MCP", *stages.image("image-nomcp", mcp=False), args.retrain == "all")
+    run_stage("ablation: image stage without MCP", stages.image("image-nomcp", mcp=False), args.retrain == "all")
     lines = [f"| row | test UAR (mean +- std over {args.ablation_seeds} seeds) | test WAR | WAR per seed |",
              "|---|---|---|---|"]
     for key, row, image, extra in ABLATION:
@@ -361,9 +368,9 @@ def run_ablation(args, stages):
             if key == "d" and seed == args.seed:  # the demo's own video stage
                 run = stages.video()[0]
             else:
-                run, command = stages.video(image, folder / f"{key}-seed{seed}", [*extra, "--seed", str(seed)])
-                needs = [stages.runs / f"demo-{image}"] + ([] if "--no-mcp" in extra else [stages.landmarks()[0]])
-                run_stage(f"ablation {row}, seed {seed}", run, command, args.retrain == "all", needs)
+                stage = stages.video(image, folder / f"{key}-seed{seed}", [*extra, "--seed", str(seed)])
+                run_stage(f"ablation {row}, seed {seed}", stage, args.retrain == "all")
+                run = stage[0]
             scores.append(best_test(run))
         wars = [s["war"] for s in scores]
         lines.append(f"| {row} | {spread([s['uar'] for s in scores])} | {spread(wars)} | "
@@ -883,6 +890,9 @@ def stop_requested():
 def finish(code, message):
     log(message, file=sys.stderr if code else sys.stdout)
     if ddp:
+        global model
+        model = raw_model  # free DDP's reducer, which holds the process group, while Python still runs: freed at
+        gc.collect()  # interpreter exit, gloo's threads can abort the process ("terminate called ...")
         dist.barrier()  # leave together: a rank that tears gloo down while a peer still talks to it aborts
         dist.destroy_process_group()
     sys.exit(code)
