@@ -17,6 +17,25 @@ def for_device(kernel, tensor, where):
     return kernel
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(where, *tensors):
+    """Refuse inputs the kernels would not compute right: mixed devices, dtypes other than fp16 / bf16 / fp32 (the
+    kernels keep fp32 buffers, so fp64 would come back rounded to fp32), and bf16 in Triton's interpreter (it gets
+    bf16 arithmetic wrong). `where` names the calling file."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"{where}: inputs on {device} and on {t.device}; all must be on one device")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{where}: a {t.dtype} input of shape {tuple(t.shape)}; the kernels compute in float16, "
+                             "bfloat16 or float32 (for other dtypes use the torch reference, kernels='torch')")
+    if device.type != "cuda" and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise ValueError(f"{where}: bfloat16 on {device.type}: Triton's interpreter computes bfloat16 wrongly; use "
+                         "float32 or float16 there, or the torch reference (kernels='torch')")
+
+
 def dot_precision(dtype):
     """tl.dot's input precision: exact fp32 products for fp32 inputs (no TF32), tensor cores for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -29,7 +29,7 @@ from kernels.temporal_attention import temporal_attention, temporal_attention_re
 
 CSV_PATH = ROOT / "kernels" / "results" / "bench.csv"
 FIELDS = ["date", "gpu", "torch", "triton", "bench", "shape", "dtype", "provider", "mode", "ms", "ms_p20", "ms_p80",
-          "gb_s", "bw_frac", "tflop_s", "mfu", "peak_mem_mb", "clips_s"]
+          "gb_s", "bw_frac", "tflop_s", "mfu", "peak_mem_mb", "clips_s", "max_err"]
 QUANTILES = [0.5, 0.2, 0.8]
 # device name fragment -> (memory bandwidth B/s, dense bf16 FLOP/s); first match wins
 PEAKS = [("H200", 4.8e12, 989e12), ("H100 PCIe", 2.0e12, 756e12), ("H100", 3.35e12, 989e12)]
@@ -49,7 +49,7 @@ def attention_case(B, T, N, H, D, dtype):
     fwd_bytes, bwd_bytes = (qkv_n + out_n) * elem, (2 * qkv_n + out_n) * elem
     fwd_flops = 4 * B * N * H * T * T * D  # Q K^T and A V
     providers = {"triton": lambda q: temporal_attention(q, scale), "torch": lambda q: temporal_attention_ref(q, scale)}
-    return [qkv], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops)
+    return [qkv], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops), providers["torch"]
 
 
 def gate_case(BT, N, C, dtype, autocast=False):
@@ -64,7 +64,7 @@ def gate_case(BT, N, C, dtype, autocast=False):
     fwd_flops = 2 * 2 * BT * N * C * 8
     wrap = (lambda fn: lambda *t: under_autocast(fn, *t)) if autocast else (lambda fn: fn)
     providers = {"triton": wrap(mcp_gate), "torch": wrap(mcp_gate_ref)}
-    return [x, a, w_x, b_x, w_a, b_a, s], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops)
+    return [x, a, w_x, b_x, w_a, b_a, s], providers, (fwd_bytes, bwd_bytes), (fwd_flops, 2 * fwd_flops), mcp_gate_ref
 
 
 def under_autocast(fn, *inputs):
@@ -72,7 +72,20 @@ def under_autocast(fn, *inputs):
         return fn(*inputs)
 
 
-# ---------------------------------------------------------------- timing
+# ---------------------------------------------------------------- checking and timing
+def max_error(fn, exact, inputs):
+    """The largest error of fn's output and of its gradient for every input (one random grad_output), each
+    measured on the scale max(1, max |exact value|), against exact: the reference run in float64 on the same
+    inputs. The tables show it for every provider, so a kernel that computes wrongly is not timed unnoticed."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    doubles = [t.detach().double().requires_grad_() for t in inputs]
+    out, ref = fn(*inputs), exact(*doubles)
+    grad = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
+    pairs = [(out, ref), *zip(torch.autograd.grad(out, inputs, grad.to(out.dtype)),
+                              torch.autograd.grad(ref, doubles, grad), strict=True)]
+    return max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item() for a, b in pairs)
+
+
 def peak_memory_mb(fn, inputs, grad):
     """Memory allocated on top of the inputs at the peak of one forward + backward."""
     torch.cuda.synchronize()
@@ -98,7 +111,7 @@ def time_modes(fn, inputs):
 
 def bench_kernel(name, shape, dtype_name, case, peaks):
     """Rows for the fused kernel, the reference and torch.compile(reference) at one shape."""
-    inputs, providers, (fwd_bytes, bwd_bytes), (fwd_flops, bwd_flops) = case
+    inputs, providers, (fwd_bytes, bwd_bytes), (fwd_flops, bwd_flops), exact = case
     torch._dynamo.reset()  # a fresh compile per shape, clear of the recompile limit
     torch._functorch.config.donated_buffer = False  # the backward-only timing replays one graph (retain_graph)
     providers = {**providers, "compiled": torch.compile(providers["torch"])}
@@ -106,12 +119,13 @@ def bench_kernel(name, shape, dtype_name, case, peaks):
     flops = {"fwd": fwd_flops, "bwd": bwd_flops, "full": fwd_flops + bwd_flops}
     rows = []
     for provider, fn in providers.items():
+        err = max_error(fn, exact, inputs)
         times, peak_mb = time_modes(fn, inputs)
         for mode, (ms, p20, p80) in times.items():
             gb_s = nbytes[mode] / ms * 1e-6
             rows.append(dict(bench=name, shape=shape, dtype=dtype_name, provider=provider, mode=mode, ms=ms,
                              ms_p20=p20, ms_p80=p80, gb_s=gb_s, bw_frac=gb_s * 1e9 / peaks[0] if peaks[0] else None,
-                             tflop_s=flops[mode] / ms * 1e-9, peak_mem_mb=peak_mb))
+                             tflop_s=flops[mode] / ms * 1e-9, peak_mem_mb=peak_mb, max_err=err))
     return rows
 
 
@@ -174,17 +188,19 @@ def fmt(value, spec):
 
 
 def kernel_table(rows):
-    """One line per (shape, dtype, provider): fwd / bwd / full times, full-pass GB/s, % of peak, memory, speedup."""
+    """One line per (shape, dtype, provider): fwd / bwd / full times, full-pass GB/s, % of peak, memory, speedups,
+    and the largest error against the float64 reference (output and gradients, see max_error)."""
     lines = ["| shape | dtype | provider | fwd ms (p20-p80) | bwd ms | fwd+bwd ms | fwd+bwd GB/s | % peak BW "
-             "| peak MB | fwd+bwd speedup vs torch |", "|" + "---|" * 10]
+             "| peak MB | fwd+bwd speedup vs torch | vs compiled | max error vs fp64 |", "|" + "---|" * 12]
     by_key = {(r["shape"], r["dtype"], r["provider"], r["mode"]): r for r in rows}
     for shape, dtype, provider in dict.fromkeys((r["shape"], r["dtype"], r["provider"]) for r in rows):
         fwd, bwd, full = (by_key[(shape, dtype, provider, m)] for m in ("fwd", "bwd", "full"))
         speedup = by_key[(shape, dtype, "torch", "full")]["ms"] / full["ms"]
+        vs_compiled = by_key[(shape, dtype, "compiled", "full")]["ms"] / full["ms"]
         bw = None if full["bw_frac"] is None else 100 * full["bw_frac"]
         lines.append(f"| {shape} | {dtype} | {provider} | {fwd['ms']:.3f} ({fwd['ms_p20']:.3f}-{fwd['ms_p80']:.3f}) "
                      f"| {bwd['ms']:.3f} | {full['ms']:.3f} | {full['gb_s']:.0f} | {fmt(bw, '.0f')} "
-                     f"| {full['peak_mem_mb']:.0f} | {speedup:.2f}x |")
+                     f"| {full['peak_mem_mb']:.0f} | {speedup:.2f}x | {vs_compiled:.2f}x | {full['max_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -237,7 +253,12 @@ def main():
     parser.add_argument("--clips", type=int, default=8, help="clips per training step (default 8, as released)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
     args = parser.parse_args()
+    if args.clips < 1 or args.frames < 1:
+        parser.error(f"--clips and --frames must be at least 1, got {args.clips} and {args.frames}")
     if not torch.cuda.is_available():
+        given = [f"--{k}" for k in ("only", "clips", "frames") if getattr(args, k) != parser.get_default(k)]
+        if given:
+            print(f"{', '.join(given)}: for the GPU benchmark; not used without CUDA")
         cpu_reference_only()
         return
     peaks = device_peaks()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import autocast_like, dot_precision, for_device
+from kernels import autocast_like, check_inputs, dot_precision, for_device
 
 BLOCK_N = 64  # tokens per block
 BLOCK_C = 64  # channels per block
@@ -203,13 +203,17 @@ def _mcp_proj_bwd_kernel(
 
 
 # ---------------------------------------------------------------- launchers (torch.library custom ops)
-def _check(x, a, w_x, w_a, s):
-    BT, N, C = x.shape
-    K = w_x.shape[0]
-    if a.shape != x.shape or w_x.shape != (K, C) or w_a.shape != (K, C) or s.numel() != 1:
-        raise ValueError(f"kernels/mcp_gate.py: expected x, a (BT, N, C), w_x, w_a (K, C), one-element s; got "
-                         f"x {tuple(x.shape)}, a {tuple(a.shape)}, w_x {tuple(w_x.shape)}, "
-                         f"w_a {tuple(w_a.shape)}, s {tuple(s.shape)}")
+def _check(x, a, w_x, w_a, s, b_x=None, b_a=None):
+    """(BT, N, C, K) of valid inputs; else a ValueError naming every shape (the biases where given)."""
+    ok = x.dim() == 3 and w_x.dim() == 2 and a.shape == x.shape and s.numel() == 1
+    if ok:
+        (BT, N, C), K = x.shape, w_x.shape[0]
+        ok = w_x.shape == w_a.shape == (K, C) and all(b is None or b.shape == (K,) for b in (b_x, b_a))
+    if not ok:
+        biases = "" if b_x is None else f", b_x {tuple(b_x.shape)}, b_a {tuple(b_a.shape)}"
+        raise ValueError(f"kernels/mcp_gate.py: expected x, a (BT, N, C), w_x, w_a (K, C), b_x, b_a (K,), one-element "
+                         f"s; got x {tuple(x.shape)}, a {tuple(a.shape)}, w_x {tuple(w_x.shape)}, "
+                         f"w_a {tuple(w_a.shape)}{biases}, s {tuple(s.shape)}")
     return BT, N, C, K
 
 
@@ -222,7 +226,7 @@ def _blocks(K, dtype):
 def mcp_gate_forward(x: torch.Tensor, a: torch.Tensor, w_x: torch.Tensor, b_x: torch.Tensor, w_a: torch.Tensor,
                      b_a: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> out (BT, N, K) in the weights' dtype; x0 (BT, N, K) and the softmax's max and sum (2, BT, K) in fp32."""
-    BT, N, C, K = _check(x, a, w_x, w_a, s)
+    BT, N, C, K = _check(x, a, w_x, w_a, s, b_x, b_a)
     x0 = torch.empty(BT, N, K, dtype=torch.float32, device=x.device)
     x1 = torch.empty_like(x0)
     proj = for_device(_mcp_proj_fwd_kernel, x, __file__)
@@ -292,4 +296,5 @@ class MCPGateFunction(torch.autograd.Function):
 def mcp_gate(x, a, w_x, b_x, w_a, b_a, s):
     """Fused gate, same contract as mcp_gate_ref: softmax_N(s * x0) * x0 + x1, (BT, N, K), in the weights' dtype."""
     w_x, b_x, w_a, b_a = autocast_like(w_x, b_x, w_a, b_a)  # the compute dtype; x, a are cast inside the kernel
+    check_inputs(__file__, x, a, w_x, b_x, w_a, b_a, s)
     return MCPGateFunction.apply(x, a, w_x, b_x, w_a, b_a, s)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import autocast_like, dot_precision, for_device
+from kernels import autocast_like, check_inputs, dot_precision, for_device
 
 
 # ---------------------------------------------------------------- reference (the kernel's contract; model.py's TMA
@@ -119,12 +119,12 @@ TILE = 4096  # elements per (BLOCK_B, BLOCK_T, BLOCK_D) tile: BLOCK_B = 8 proble
 
 def _launch_config(qkv):
     """(grid, kernel settings) for qkv (B, T, N, 3, H, D): B * N * H problems of T x D, BLOCK_B per program."""
-    B, T, N, three, H, D = qkv.shape
-    if qkv.dim() != 6 or three != 3 or T > 64 or D > 128:
+    if qkv.dim() != 6 or qkv.shape[3] != 3 or qkv.shape[1] > 64 or qkv.shape[5] > 128:
         raise ValueError(f"kernels/temporal_attention.py: expected qkv (B, T, N, 3, H, D) with T <= 64 and "
                          f"D <= 128, got shape {tuple(qkv.shape)}")
+    B, T, N, three, H, D = qkv.shape
     block_t, block_d = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(D))
-    block_b = min(max(1, TILE // (block_t * block_d)), triton.next_power_of_2(B * N * H))
+    block_b = max(1, min(TILE // (block_t * block_d), triton.next_power_of_2(B * N * H)))
     config = dict(BLOCK_B=block_b, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=dot_precision(qkv.dtype),
                   num_warps=4)
     return (triton.cdiv(B * N * H, block_b),), config
@@ -132,9 +132,11 @@ def _launch_config(qkv):
 
 @torch.library.custom_op("s2d::temporal_attention_forward", mutates_args=())
 def temporal_attention_forward(qkv: torch.Tensor, scale: float) -> torch.Tensor:
-    B, T, N, _, H, D = qkv.shape
     grid, config = _launch_config(qkv)
+    B, T, N, _, H, D = qkv.shape
     out = qkv.new_empty(B, T, N, H * D)  # (B, T, N, H*D)
+    if qkv.numel() == 0:  # nothing to attend over (an empty batch, say): nothing to launch
+        return out
     kernel = for_device(_temporal_attention_fwd_kernel, qkv, __file__)
     kernel[grid](qkv, out, scale, B * N * H, N, H, T, D, *qkv.stride(), *out.stride(), **config)
     return out
@@ -148,9 +150,11 @@ def _(qkv, scale):
 
 @torch.library.custom_op("s2d::temporal_attention_backward", mutates_args=())
 def temporal_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, scale: float) -> torch.Tensor:
-    B, T, N, _, H, D = qkv.shape
     grid, config = _launch_config(qkv)
+    B, T, N, _, H, D = qkv.shape
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous (B, T, N, 3, H, D)
+    if qkv.numel() == 0:
+        return dqkv
     kernel = for_device(_temporal_attention_bwd_kernel, qkv, __file__)
     kernel[grid](qkv, dout, dqkv, scale, B * N * H, N, H, T, D, *qkv.stride(), *dout.stride(),
                  *dqkv.stride()[:5], **config)
@@ -180,4 +184,5 @@ class TemporalAttentionFunction(torch.autograd.Function):
 def temporal_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused T-MSA, same contract as temporal_attention_ref: qkv (B, T, N, 3, H, D) -> (B, T, N, H*D)."""
     (qkv,) = autocast_like(qkv)
+    check_inputs(__file__, qkv)
     return TemporalAttentionFunction.apply(qkv, float(scale))

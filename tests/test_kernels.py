@@ -38,15 +38,21 @@ def assert_close(actual, expected, tol, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def check_against_reference(fused, reference, inputs, dtype, names, tol=None):
-    """Forward and the gradients of every input, with one shared grad_output, against float64 autograd."""
+def check_against_reference(fused, reference, inputs, dtype, names, tol=None, strided_grad=False):
+    """Forward and the gradients of every input, with one shared grad_output, against float64 autograd.
+    strided_grad: the grad_output is a view with every axis reversed in memory, so the backward must honour its
+    strides (autograd passes views as they come)."""
     inputs = [t.detach().requires_grad_() for t in inputs]
     exact = [t.detach().double().requires_grad_() for t in inputs]
     out, ref = fused(*inputs), reference(*exact)
     assert out.dtype == dtype and out.shape == ref.shape, f"output {out.dtype} {tuple(out.shape)}"
     tol_out, tol_grad = tol or TOL[dtype]
     assert_close(out, ref, tol_out, "output")
-    grad_output = torch.randn_like(out)
+    if strided_grad:
+        grad_output = torch.randn(out.shape[::-1], dtype=out.dtype, device=out.device).permute(
+            *reversed(range(out.dim())))
+    else:
+        grad_output = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_output)
     grads_ref = torch.autograd.grad(ref, exact, grad_output.double())
     for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
@@ -64,13 +70,13 @@ def make_qkv(B, T, N, H, D, dtype, strided=False):
 
 @SETTINGS
 @given(B=st.integers(1, 2), T=st.integers(1, 20), N=st.integers(1, 9), H=st.integers(1, 3),
-       D=st.sampled_from([24, 24, 5, 16, 33]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       strided=st.booleans())
-def test_temporal_attention_matches_reference(B, T, N, H, D, dtype, strided):
+       D=st.sampled_from([24, 24, 5, 16, 33, 100]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       strided=st.booleans(), strided_grad=st.booleans())
+def test_temporal_attention_matches_reference(B, T, N, H, D, dtype, strided, strided_grad):
     qkv = make_qkv(B, T, N, H, D, dtype, strided)
     scale = D ** -0.5
     check_against_reference(lambda q: temporal_attention(q, scale), lambda q: temporal_attention_ref(q, scale),
-                            [qkv], dtype, ["qkv"])
+                            [qkv], dtype, ["qkv"], strided_grad=strided_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
@@ -130,10 +136,11 @@ GATE_NAMES = ["x", "a", "w_x", "b_x", "w_a", "b_a", "s"]
 
 @SETTINGS
 @given(BT=st.integers(1, 3), side=st.integers(1, 10), C=st.integers(1, 70), s=st.floats(-3.0, 10.0),
-       dtype=st.sampled_from([torch.float32, torch.float16]), strided=st.booleans())
-def test_mcp_gate_matches_reference(BT, side, C, s, dtype, strided):
-    inputs = make_gate_inputs(BT, side, C, dtype, s, strided)
-    check_against_reference(mcp_gate, mcp_gate_ref, inputs, dtype, GATE_NAMES)
+       dtype=st.sampled_from([torch.float32, torch.float16]), strided=st.booleans(), strided_grad=st.booleans(),
+       K=st.sampled_from([8, 8, 1, 3, 20]))
+def test_mcp_gate_matches_reference(BT, side, C, s, dtype, strided, strided_grad, K):
+    inputs = make_gate_inputs(BT, side, C, dtype, s, strided, K=K)
+    check_against_reference(mcp_gate, mcp_gate_ref, inputs, dtype, GATE_NAMES, strided_grad=strided_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
@@ -176,6 +183,13 @@ def test_mcp_gate_rejects_mismatched_weights():
     x, a, w_x, b_x, w_a, b_a, s = make_gate_inputs(1, 2, 6, torch.float32)
     with pytest.raises(ValueError, match=r"w_a \(8, 5\)"):
         mcp_gate(x, a, w_x, b_x, w_a[:, :5], b_a, s)
+    for bias in (b_x[:4], torch.randn(12, device=DEVICE), b_x.reshape(2, 4)):  # read out of bounds, before
+        with pytest.raises(ValueError, match=f"b_x {tuple(bias.shape)}".replace("(", r"\(").replace(")", r"\)")):
+            mcp_gate(x, a, w_x, bias, w_a, b_a, s)
+    with pytest.raises(ValueError, match=r"got x \(4, 6\)"):
+        mcp_gate(x[0], a[0], w_x, b_x, w_a, b_a, s)
+    with pytest.raises(ValueError, match="a torch.float64 input"):
+        mcp_gate(x, a, w_x.double(), b_x, w_a, b_a, s)
 
 
 def test_mcp_gate_compiles_without_graph_break():
@@ -199,9 +213,38 @@ def test_mcp_gate_reads_fp32_activations_under_autocast():
 
 
 def test_temporal_attention_under_autocast():
+    """Under autocast the fp32 qkv is computed in the autocast dtype, and the gradient comes back in fp32."""
+    qkv = make_qkv(1, 5, 2, 2, 24, torch.float32)
     with torch.autocast(DEVICE, dtype=torch.float16):
-        out = temporal_attention(make_qkv(1, 5, 2, 2, 24, torch.float32), 0.2)
-    assert out.dtype == torch.float16
+        assert temporal_attention(qkv, 0.2).dtype == torch.float16
+        check_against_reference(lambda q: temporal_attention(q, 0.2).float(), lambda q: temporal_attention_ref(q, 0.2),
+                                [qkv], torch.float32, ["qkv"], tol=TOL[torch.float16])
+
+
+def test_temporal_attention_rejects_other_ranks_and_dtypes():
+    with pytest.raises(ValueError, match=r"\(B, T, N, 3, H, D\).*got shape \(1, 4, 2, 3, 24\)"):
+        temporal_attention(torch.randn(1, 4, 2, 3, 24, device=DEVICE), 0.3)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(ValueError, match=f"a {dtype} input of shape \\(1, 4, 2, 3, 1, 8\\)"):
+            temporal_attention(make_qkv(1, 4, 2, 1, 8, torch.float32).to(dtype), 0.3)
+
+
+@pytest.mark.skipif(CUDA, reason="bf16 is refused only in Triton's interpreter (CPU)")
+def test_interpreted_kernels_refuse_bf16():
+    with pytest.raises(ValueError, match="interpreter computes bfloat16 wrongly"):
+        temporal_attention(make_qkv(1, 4, 2, 1, 8, torch.bfloat16), 0.3)
+    with pytest.raises(ValueError, match="interpreter computes bfloat16 wrongly"):
+        mcp_gate(*make_gate_inputs(1, 2, 6, torch.bfloat16))
+    with torch.autocast("cpu"), pytest.raises(ValueError, match="interpreter computes bfloat16 wrongly"):
+        mcp_gate(*make_gate_inputs(1, 2, 6, torch.float32))  # CPU autocast's default dtype is bf16
+
+
+def test_temporal_attention_of_an_empty_batch_is_empty():
+    qkv = make_qkv(0, 4, 2, 2, 8, torch.float32).requires_grad_()
+    out = temporal_attention(qkv, 0.3)
+    assert out.shape == (0, 4, 2, 16)
+    (grad,) = torch.autograd.grad(out.sum(), qkv)
+    assert grad.shape == qkv.shape
 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA, kernels/bench.py is the GPU benchmark itself (minutes): run it directly")
@@ -223,3 +266,14 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.s2d.temporal_attention_forward.default, (qkv, 0.3))
     dout = torch.randn(1, 5, 3, 48, device=DEVICE)
     torch.library.opcheck(torch.ops.s2d.temporal_attention_backward.default, (dout, qkv, 0.3))
+
+
+def test_bench_checks_each_provider_against_float64():
+    """kernels/bench.py's error column: small for the kernel, large for a kernel computing something else."""
+    from kernels.bench import max_error
+
+    qkv = make_qkv(1, 6, 3, 2, 24, torch.float32)
+    assert max_error(lambda q: temporal_attention(q, 0.3), lambda q: temporal_attention_ref(q, 0.3), [qkv]) < 1e-4
+    assert max_error(lambda q: temporal_attention(q, 0.6), lambda q: temporal_attention_ref(q, 0.3), [qkv]) > 1e-2
+    inputs = make_gate_inputs(2, 3, 20, torch.float16)
+    assert max_error(mcp_gate, mcp_gate_ref, inputs) < 2e-2
