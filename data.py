@@ -43,7 +43,8 @@ CLASSES = {
 }
 CLASSES["demo"] = CLASSES["demo_image"] = CLASSES["ferv39k"]  # demo_image: the demo's expressive frames as stills
 IMAGE_DATASETS = {"rafdb", "affectnet7", "affectnet8", "ferplus", "demo_image"}
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+              ".wmv", ".flv", ".ogv")
 STRICT = {"err_detect": "explode"}  # FFmpeg decoders stop at the first error instead of concealing it
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -313,6 +314,16 @@ def decode_image(path, rgb=None):
     return (rgb or VideoReformatter()).reformat(frames[0], format="rgb24", threads=1).to_ndarray()
 
 
+def _upright(frame, rgb, path):
+    """A decoded video frame as uint8 (H, W, 3), turned as a player shows it: phones store portrait video as
+    landscape frames with a rotation in the file's display matrix (PyAV's frame.rotation, degrees counterclockwise)."""
+    array = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    turns = frame.rotation / 90
+    if turns != round(turns):
+        raise ClipError(f"{path}: a display rotation of {frame.rotation} degrees; only multiples of 90 are supported")
+    return np.rot90(array, int(round(turns)) % 4)
+
+
 def _read_video(path, pick):
     """Frames pick(num_frames) of a video as uint8 (T, H, W, 3), decoded with FFmpeg's threads. At a constant frame
     rate with a frame count in the header: seek to the key frame before the first wanted frame and decode up to the
@@ -335,7 +346,7 @@ def _read_video(path, pick):
                     break  # not one frame period apart: the frame numbers cannot be trusted
                 k = round((frame.pts - start) / step)
                 if k in wanted:
-                    got[k] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                    got[k] = _upright(frame, rgb, path)
                 if k >= max(wanted):
                     break
             if got.keys() >= set(wanted):
@@ -346,7 +357,7 @@ def _read_video(path, pick):
         got = {}
         for k, frame in enumerate(container.decode(stream)):
             if k in wanted:
-                got[k] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                got[k] = _upright(frame, rgb, path)
             if k >= max(wanted):
                 break
     if not got.keys() >= set(wanted):
@@ -385,7 +396,13 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
             return np.stack(frames)
         if path.suffix.lower() in VIDEO_EXTS:
             return _read_video(path, pick)
-        return decode_image(path)[None]
+        try:
+            return decode_image(path)[None]
+        except ClipError as err:
+            if path.suffix.lower() in IMAGE_EXTS:
+                raise
+            raise ClipError(f"{err}; read as an image, because {path.suffix or 'no extension'} is not one of the "
+                            f"video extensions {' '.join(VIDEO_EXTS)}") from None
     except (av.FFmpegError, OSError, IndexError) as err:
         raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
 
@@ -918,6 +935,16 @@ def write_frames(folder, frames, names=None):
     for k, frame in enumerate(frames, 1):
         packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p", threads=1))
         (folder / f"{names[k - 1] if names else k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
+
+
+def frame_rate(path, default=25):
+    """A video's average frame rate (frames per second, a Fraction: write_video takes it as it is), else `default`
+    (a frame folder, an image, no rate known)."""
+    if Path(path).is_dir() or Path(path).suffix.lower() not in VIDEO_EXTS:
+        return default
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate if container.streams.video else None
+    return rate or default
 
 
 def write_video(path, frames, fps=25):

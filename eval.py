@@ -187,12 +187,17 @@ def write_png(path, rgb):
     return Path(path)
 
 
-_GLYPHS = {  # a 3 x 5 pixel font: digits and the letters of the demo's class abbreviations
+_GLYPHS = {  # a 3 x 5 pixel font: digits, capital letters and the space
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
     "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
     "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "D": "110101101101110",
     "E": "111100110100111", "F": "111100110100100", "H": "101101111101101", "I": "111010010010111",
     "N": "101111111111101", "S": "111100111001111", "U": "101101101101111", " ": "000000000000000",
+    "B": "110101110101110", "C": "111100100100111", "G": "111100101101111", "J": "001001001101111",
+    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "O": "111101101101111",
+    "P": "111101111100100", "Q": "111101101111001", "R": "110101110101101", "T": "111010010010010",
+    "V": "101101101101010", "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010",
+    "Z": "111001010100111",
 }
 
 
@@ -201,7 +206,8 @@ def draw_text(img, text, top, left, scale=2, colour=(0, 0, 0)):
     for k, ch in enumerate(text.upper()):
         glyph = np.array([int(b) for b in _GLYPHS[ch]], bool).reshape(5, 3).repeat(scale, 0).repeat(scale, 1)
         y, x = top, left + k * 4 * scale
-        img[y:y + 5 * scale, x:x + 3 * scale][glyph] = colour
+        region = img[y:y + 5 * scale, x:x + 3 * scale]  # cut off at the image's edge
+        region[glyph[:region.shape[0], :region.shape[1]]] = colour
 
 
 def confusion_picture(confusion, names, cell=36):
@@ -338,6 +344,16 @@ def parse_args(argv=None):
         p.error("--annotate draws the detected face: give --detector too")
     if args.out and args.video:
         p.error("--out writes the per-clip predictions of --dataset's test split; --video prints its one clip's")
+    if args.video and not os.path.exists(args.video):
+        p.error(f"--video {args.video}: no such file or folder")
+    if args.annotate:  # found before the work, not after it
+        folder = os.path.dirname(os.path.abspath(args.annotate))
+        if not args.annotate.lower().endswith(".mp4"):
+            p.error(f"--annotate {args.annotate}: the annotated frames are written as an H.264 .mp4; name it so")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--annotate {args.annotate}: cannot write a file in {folder}")
+        if os.path.exists(args.annotate) and os.path.samefile(args.annotate, args.video):
+            p.error(f"--annotate {args.annotate} is the --video itself: choose another file")
     try:
         parse_folds(args)
     except ValueError as err:
@@ -573,6 +589,19 @@ def annotate(path, video, boxes, points, label, fps=25):
     data.write_video(Path(path), frames, fps)
 
 
+def frames_used(length, ds):
+    """Which frames of a `length`-frame clip the views of ClipDataset ds read, in words."""
+    windows = data.eval_indices(length, ds.num_frames, ds.sampling_rate, ds.temporal_views)
+    spans = ", ".join(f"{w[0]}-{w[-1]}" if w[-1] > w[0] else f"{w[0]}" for w in windows)
+    crops = f" x {ds.spatial_crops} crops" if ds.spatial_crops > 1 else ""
+    text = f"{len(windows)} window{'s' * (len(windows) > 1)} of {ds.num_frames} frame{'s' * (ds.num_frames > 1)}" \
+           f"{crops}: frames {spans} of {length}"
+    if ds.sampling_rate > 1:
+        text += f", one in {ds.sampling_rate}"
+    short = (ds.num_frames - 1) * ds.sampling_rate + 1 > length
+    return text + (" (the clip is shorter than a window: its last frame is repeated)" if short else "")
+
+
 def predict_video(args, device):
     """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first). With
     --detector, the face is found in every frame first (MTCNN), tracked, aligned and cropped."""
@@ -582,31 +611,40 @@ def predict_video(args, device):
     image = model.cfg.num_frames == 1 and not recorded(ckpt, "no_tma")  # an image-stage model: one view
     views = dict(temporal_views=1, spatial_crops=1) if image else data.eval_views(args.dataset or "any video")
     clip = os.path.abspath(args.video)
+    detector = None
+    if args.detector:  # its weights are read before the video is decoded
+        try:
+            detector = landmarks.MTCNN(args.detector)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--detector {args.detector}: {err} (README, A video of your own, fetches the weights "
+                             "in two commands)") from None
+    lengths = []  # the video's frame count, as load_clip finds it
     with tempfile.TemporaryDirectory() as tmp:
         if args.detector:
-            video = data.load_clip(Sample(path=clip, label=0), "")  # every frame, uint8 (T, H, W, 3)
-            faces, boxes, points, missed = landmarks.detect_and_align(
-                video, landmarks.MTCNN(args.detector), size=224, frames=args.video)
+            video = data.load_clip(Sample(path=clip, label=0), "", pick=lambda n: lengths.append(n) or range(n))
+            faces, boxes, points, missed = landmarks.detect_and_align(video, detector, size=224, frames=args.video)
             print(f"{args.video}: a face in {len(video) - len(missed)} of {len(video)} frames"
                   + (f" (none in frames {', '.join(map(str, missed[:10]))}{', ...' if len(missed) > 10 else ''}:"
                      " the track holds its last box there)" if missed else ""))
             clip = str(Path(tmp) / "faces")
             data.write_frames(Path(clip), faces)
         else:
-            first = data.load_clip(Sample(path=clip, label=0), "", pick=lambda n: range(min(n, 1)))[0]
+            first = data.load_clip(Sample(path=clip, label=0), "",
+                                   pick=lambda n: lengths.append(n) or range(min(n, 1)))[0]
             if looks_uncropped(first, model.cfg.img_size):
                 print(f"warning: {args.video}: frames of {first.shape[1]} x {first.shape[0]} look like an uncropped "
                       "scene, but the model expects face crops; give --detector (README, A video of your own), or "
                       "the answer below may mean nothing", file=sys.stderr)
         ds = views_dataset(args, ckpt, model, [Sample(path=clip, label=0)], "", views)
         probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
-    print(f"{args.video}: {len(ds)} views averaged")
+    print(f"{args.video}: {len(ds)} views averaged, {frames_used(lengths[0], ds)}")
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
         print(f"  {name:<16} {p:.4f}")
     if args.annotate:
         best = int(np.argmax(probs))
-        text = names[best][:2].upper() if all(c in _GLYPHS for c in names[best][:2].upper()) else str(best)
-        annotate(args.annotate, video, boxes, points, f"{text} {round(100 * probs[best])}")
+        text = names[best].upper() if all(c in _GLYPHS for c in names[best].upper()) else f"CLASS {best}"
+        annotate(args.annotate, video, boxes, points, f"{text} {round(100 * probs[best])}",
+                 data.frame_rate(os.path.abspath(args.video)))
         print(f"annotated frames: {args.annotate}")
 
 

@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -535,7 +536,10 @@ def detect_and_align(video, detector, size, frames="the clip", detect_side=640):
         boxes, scores, points = detector(small)
         detections.append((boxes / shrink, scores, points / shrink))
     boxes, points, missed = face_track(detections, frames)
-    return align_faces(video, boxes, points, size), boxes, points, missed
+    # 16 frames at a time: align_faces works in float, four times the bytes of the uint8 video
+    crops = np.concatenate([align_faces(video[i:i + 16], boxes[i:i + 16], points[i:i + 16], size)
+                            for i in range(0, T, 16)])
+    return crops, boxes, points, missed
 
 
 # ----------------------------------------------------------------------------- training on ground-truth points

@@ -276,3 +276,43 @@ def test_check_passes_a_good_split(tmp_path, capsys):
     assert data.main(["check", "--dataset", "ferv39k", "--root", str(tmp_path), "--media-root", str(tmp_path),
                       "--split", str(split)]) == 0
     assert "all items readable" in capsys.readouterr().out
+
+
+def _with_display_matrix(path, matrix):
+    """Rewrite an mp4's track header matrix (a, b, u, c, d, v, x, y, w; 16.16 fixed point, w 2.30), as phones
+    write a rotation for portrait video."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"tkhd")
+    version = raw[at + 4]
+    # tkhd: version/flags, then times and ids (v0: 20 bytes, v1: 32), 8 reserved, layer, group, volume, 2 reserved
+    offset = at + 8 + (32 if version == 1 else 20) + 8 + 8
+    raw[offset:offset + 36] = struct.pack(">9i", *matrix)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_video_with_a_display_rotation_is_turned_upright(tmp_path):
+    frames = np.zeros((4, 32, 64, 3), np.uint8)
+    frames[:, :, :32] = 255  # the left half white
+    data.write_video(tmp_path / "flat.mp4", frames)
+    assert data.load_clip(Sample(str(tmp_path / "flat.mp4"), 0), "")[0, :, :32].min() == 255
+    turned = tmp_path / "portrait.mp4"
+    turned.write_bytes((tmp_path / "flat.mp4").read_bytes())
+    _with_display_matrix(turned, (0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30))  # show it turned 90 degrees clockwise
+    clip = data.load_clip(Sample(str(turned), 0), "")
+    assert clip.shape == (4, 64, 32, 3)  # portrait, as a player shows it
+    assert clip[:, :28].min() > 200 and clip[:, 36:].max() < 50  # the left half, turned clockwise, is on top
+
+
+def test_more_video_extensions_and_an_unknown_one_is_named(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    data.write_video(tmp_path / "a.mp4", frames)
+    (tmp_path / "a.mp4").rename(tmp_path / "a.m4v")  # an iPhone export: mp4 inside
+    assert data.load_clip(Sample(str(tmp_path / "a.m4v"), 0), "").shape == (3, 16, 16, 3)
+    (tmp_path / "b.m4a").write_bytes(b"\0\0\0\x18ftypM4A ")
+    with pytest.raises(ClipError, match=r"b\.m4a: .*read as an image, because \.m4a is not one of the video ext"):
+        data.load_clip(Sample(str(tmp_path / "b.m4a"), 0), "")
+    assert data.frame_rate(tmp_path / "a.m4v") == 25 and data.frame_rate(tmp_path) == 25
+    data.write_video(tmp_path / "c.mp4", frames, fps=60)
+    assert data.frame_rate(tmp_path / "c.mp4") == 60

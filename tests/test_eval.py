@@ -207,7 +207,7 @@ def test_folds_and_summary():
     assert parse_folds(
         eval_parse_args(["--checkpoint", "c{fold}", "--dataset", "dfew", "--data-root", "r", "--folds", "1-5"])
     ) == [1, 2, 3, 4, 5]
-    assert parse_folds(eval_parse_args(["--checkpoint", "c", "--video", "v", "--folds", "2,4"])) == [2, 4]
+    assert parse_folds(eval_parse_args(["--checkpoint", "c", "--video", ".", "--folds", "2,4"])) == [2, 4]
     results = [compute_metrics([0, 1], [0, 1], 2), compute_metrics([0, 1], [0, 0], 2)]
     text = summarize(results, ["a", "b"])
     assert "uar        75.00 +- 35.36" in [

@@ -101,7 +101,7 @@ def face_clip(tmp_path):
 
 
 def test_eval_video_with_a_detector_finds_aligns_predicts_and_annotates(tmp_path, monkeypatch, capsys, face_clip):
-    data.write_video(tmp_path / "me.mp4", face_clip)
+    data.write_video(tmp_path / "me.mp4", face_clip, fps=50)
     model = build_model("s2d_tiny", num_classes=7, num_frames=2)
     ckpt = tmp_path / "ckpt.pth"
     import dataclasses
@@ -126,9 +126,44 @@ def test_eval_video_with_a_detector_finds_aligns_predicts_and_annotates(tmp_path
                "--annotate", str(out), "--dataset", "demo", "--device", "cpu", "--landmark-weights", "none"])
     printed = capsys.readouterr()
     assert "a face in 3 of 6 frames (none in frames 1, 3, 5" in printed.out
-    assert "views averaged" in printed.out and "warning" not in printed.err
+    assert "2 views averaged, 2 windows of 2 frames: frames 0-1, 4-5 of 6" in printed.out
+    assert "warning" not in printed.err
     written = data.load_clip(data.Sample(str(out), 0), "")
-    assert written.shape == (6, 180, 320, 3)
+    assert written.shape == (6, 180, 320, 3) and data.frame_rate(out) == 50  # the source's rate
+
+
+def test_annotate_is_refused_before_any_work_where_it_cannot_be_written(tmp_path, capsys):
+    video = tmp_path / "me.mp4"
+    video.write_bytes(b"not read")
+    base = ["--checkpoint", str(tmp_path / "none.pth"), "--video", str(video), "--detector", "d", "--annotate"]
+    for target, why in ((video, "is the --video itself"), (tmp_path / "me.avi", "written as an H.264 .mp4"),
+                        (tmp_path / "no" / "a.mp4", "cannot write a file in")):
+        with pytest.raises(SystemExit) as stop:
+            eval_main(base + [str(target)])
+        assert stop.value.code == 2 and why in capsys.readouterr().err
+    assert video.read_bytes() == b"not read"
+    with pytest.raises(SystemExit) as stop:
+        eval_main(["--checkpoint", "c.pth", "--video", str(tmp_path / "missing.mp4")])
+    assert stop.value.code == 2 and "missing.mp4: no such file or folder" in capsys.readouterr().err
+
+
+def test_missing_detector_weights_are_named_before_the_video_is_decoded(tmp_path, monkeypatch, capsys):
+    model = build_model("s2d_tiny", num_classes=7, num_frames=2)
+    import dataclasses
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, tmp_path / "c.pth")
+    (tmp_path / "me.mp4").write_bytes(b"never decoded")  # decoding it would fail with another message
+    with pytest.raises(SystemExit) as stop:
+        eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "me.mp4"), "--detector",
+                   str(tmp_path / "nothing"), "--device", "cpu", "--landmark-weights", "none"])
+    assert f"--detector {tmp_path / 'nothing'}" in str(stop.value) and "fetches the weights" in str(stop.value)
+
+
+def test_the_label_is_cut_off_at_the_frame_edge():
+    from eval import draw_text
+
+    img = np.zeros((20, 30, 3), np.uint8)
+    draw_text(img, "DISAPPOINTMENT 63", 15, 20, scale=2, colour=(255, 255, 255))  # runs past the bottom and right
+    assert img[15:, 20:].any() and not img[:15].any() and not img[:, :20].any()
 
 
 def test_an_uncropped_scene_without_a_detector_is_warned_about(tmp_path, capsys, face_clip):
@@ -170,3 +205,17 @@ def test_annotate_without_a_detector_is_refused_before_any_work(tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         eval_main(["--checkpoint", str(tmp_path / "none.pth"), "--video", "x.mp4", "--annotate", "y.mp4"])
     assert stop.value.code == 2 and "--annotate draws the detected face: give --detector too" in capsys.readouterr().err
+
+
+def test_detect_and_align_in_chunks_equals_one_pass(face_clip):
+    """detect_and_align aligns 16 frames at a time (memory); the crops are those of align_faces on the whole clip."""
+    video = np.concatenate([face_clip] * 4)  # 24 frames: a chunk of 16 and one of 8
+
+    def one_face(image):
+        box = torch.tensor([[100.0, 30, 212, 142]])
+        pts = torch.tensor([[[130, 72], [182, 68], [156, 95], [135, 120], [177, 120.0]]])
+        return box, torch.tensor([0.99]), pts
+
+    crops, boxes, points, missed = L.detect_and_align(video, one_face, size=64)
+    assert crops.shape == (24, 64, 64, 3) and missed == []
+    np.testing.assert_array_equal(crops, L.align_faces(video, boxes, points, 64))
