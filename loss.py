@@ -100,6 +100,9 @@ class EmotionAnchors(nn.Module):
     def soft_labels(self, features):
         """features (B, D) -> soft labels (B, C), or None while every queue is empty.
 
+        Eq. (16)-(18), with three rules of ours (README, SDL): a similarity below 0 weighs 0; a sample whose picked
+        similarities are all <= 0 takes the plain mean of its picks; of equally similar entries the oldest are
+        picked. A class with fewer than k entries contributes those it has (none: it is left out).
         None means the soft label is undefined: sdl_loss then falls back to CE alone.
         Written for speed (it runs every step; README, SDL, has its time): few tensor operations.
         """

@@ -237,7 +237,10 @@ class MCP(nn.Module):
         self.sharpness = nn.Parameter(torch.full((1,), fovea_init))  # s of the Fovea gate
         self.kernels = kernels  # "torch" | "triton" | "auto": see fused_mcp_gate at the end of this file
 
-    def forward(self, x_in, a_in):  # (B*T, N, C), (B*T, N, C) -> P (B*T, N, C)
+    def forward(self, x_in, a_in):
+        """x_in, a_in (B*T, N, C), the N = 14 x 14 tokens of each frame -> P (B*T, N, C), Eq. (3)-(6): both
+        branches down to K channels; the Fovea gate softmax(s x0) * x0, the softmax over the N positions of a frame,
+        for each frame and channel; plus x1, then up to C. The first two lines pick the fused kernel on CUDA."""
         if use_triton(self.kernels, x_in):
             return self.up(fused_mcp_gate(self, x_in, a_in))  # Eq. (3)-(5) and x0' + x1 in one kernel, then Eq. (6)
         x0 = self.down_x(x_in)  # Eq. (3): x0 = Conv1x1(x_in), (B*T, N, K)
@@ -263,7 +266,10 @@ class TMA(nn.Module):
         self.up = nn.Linear(dim, width)
         self.kernels = kernels  # "torch" | "triton" | "auto": see fused_temporal_attention at the end of this file
 
-    def forward(self, x_in, T):  # x_in (B*T, N, C) -> M (B*T, N, C)
+    def forward(self, x_in, T):
+        """x_in (B*T, N, C), the frames of each clip consecutive (frame t of clip b at row b*T + t) -> M_i (B*T, N, C),
+        Eq. (7)-(15): down to d with GELU, T-MSA (t_msa), up to C, LayerNorm, then the vanilla adapter (down, GELU,
+        up). No residual connections inside: the prompt chain adds M_i (Eq. 1-2)."""
         h = F.gelu(self.t_down(x_in))  # Eq. (7): downsample to d = C * 0.25, GELU
         h = self.t_msa(h, T)  # Eq. (8): T-MSA, Eq. (9)-(11) in t_msa below
         h = self.t_up(h)  # Eq. (12): upsample back to C
@@ -271,7 +277,11 @@ class TMA(nn.Module):
         h = F.gelu(self.down(h))  # Eq. (14): vanilla adapter, down + GELU
         return self.up(h)  # Eq. (15): vanilla adapter, up -> M_i
 
-    def t_msa(self, h, T):  # h (B*T, N, d) -> (B*T, N, d): attention across the T frames at every position
+    def t_msa(self, h, T):
+        """h (B*T, N, d), frames of a clip consecutive -> (B*T, N, d), Eq. (9)-(11): multi-head attention across
+        the T frames of one clip at each of the N positions (never across clips or positions): H heads of width
+        D = d / H, scores scaled by D^-1/2, softmax over the T frames, the heads concatenated and projected.
+        The branch on use_triton picks the fused kernel on CUDA."""
         BT, N, d = h.shape
         H, D = self.heads, d // self.heads
         qkv = self.t_qkv(h).reshape(BT // T, T, N, 3, H, D)  # Eq. (9): Q, K, V for every frame, (B, T, N, 3, H, D)
@@ -648,8 +658,8 @@ class MoAE(nn.Module):
         logits = self.router(tokens)  # (M, E)
         if self.training and self.noise_on:  # noisy top-k gating: logits + N(0, 1) * softplus(W_noise h)
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(tokens))
-        top, chosen = logits.topk(self.top_k, dim=-1)  # (M, k): the k largest logits, the rest are -inf ...
-        return logits, chosen, torch.softmax(top, dim=-1)  # ... so the softmax runs over the kept k only
+        top, chosen = logits.topk(self.top_k, dim=-1)  # (M, k): the k largest logits
+        return logits, chosen, torch.softmax(top, dim=-1)  # softmax over the k kept (as if the others were -inf)
 
     def forward(self, h):
         B, N, C = h.shape

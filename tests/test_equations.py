@@ -161,6 +161,32 @@ def test_sdl_worked_by_hand():
     torch.testing.assert_close(logits.grad, torch.tensor([[-0.084661, 0.084661]]), atol=2e-6, rtol=0)
 
 
+def test_sdl_negative_similarities_weigh_nothing_and_all_negative_take_the_plain_mean():
+    # The rules README, SDL, adds to Eq. (18), whose ratio a negative cosine can push out of [0, 1] or to 0 / 0.
+    anchors = EmotionAnchors(num_classes=2, dim=2, queue_size=1, k=1)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    anchors.enqueue(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]), probs, torch.tensor([0, 1]))
+    # f = (1, 0): cosines 1 (class 0) and -1/sqrt 2 (class 1). The ratio as written would give
+    # ((0.9, 0.1) - 0.707107 (0.2, 0.8)) / (1 - 0.707107) = (2.590, -1.590); clamped at 0 the weights are 1 and 0:
+    soft = anchors.soft_labels(torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(soft, torch.tensor([[0.9, 0.1]]), atol=1e-6, rtol=0)
+    # f = (0, -1): cosines 0 and -1/sqrt 2, every weight 0: the plain mean of the picks, (0.55, 0.45)
+    soft = anchors.soft_labels(torch.tensor([[0.0, -1.0]]))
+    torch.testing.assert_close(soft, torch.tensor([[0.55, 0.45]]), atol=1e-6, rtol=0)
+
+
+def test_sdl_equal_similarities_pick_the_oldest_entries():
+    # Eq. (17) with ties: of entries equally similar, the k picked are the oldest (as a stable sort by similarity
+    # would pick them), so the soft label does not depend on how a top-k routine breaks ties.
+    anchors = EmotionAnchors(2, 2, queue_size=4, k=2)
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    anchors.enqueue(torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]]), probs, torch.tensor([0, 0, 0, 1]))
+    # f = (2, 0): cosine 1 to all three of class 0 (the oldest two are picked), 0 to class 1's one (weight 0):
+    # y~ = ((0.9, 0.1) + (0.8, 0.2)) / 2 = (0.85, 0.15)
+    soft = anchors.soft_labels(torch.tensor([[2.0, 0.0]]))
+    torch.testing.assert_close(soft, torch.tensor([[0.85, 0.15]]), atol=1e-6, rtol=0)
+
+
 def test_sdl_soft_label_is_a_convex_mix_of_the_stored_probabilities():
     anchors = EmotionAnchors(num_classes=3, dim=4, queue_size=4, k=2)
     anchors.enqueue(torch.randn(12, 4), torch.softmax(torch.randn(12, 3), -1), torch.arange(12) % 3)

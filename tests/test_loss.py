@@ -80,24 +80,6 @@ def test_sdl_soft_label_is_paper_formula_when_similarities_positive():
     torch.testing.assert_close(soft[0], (s[:, None] * probs).sum(0) / s.sum())
 
 
-def test_sdl_all_negative_similarities_fall_back_to_plain_mean():
-    anchors = EmotionAnchors(2, 2, queue_size=2, k=1)
-    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
-    anchors.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), probs, torch.tensor([0, 1]))
-    soft = anchors.soft_labels(torch.tensor([[-1.0, -1.0]]))
-    torch.testing.assert_close(soft[0], probs.mean(0))
-
-
-def test_sdl_equal_similarities_pick_the_oldest_entries():
-    """Eq. (17) with ties: of entries equally similar, the k picked are the oldest (as a stable sort by similarity
-    would pick them), so the soft label does not depend on how a top-k routine breaks ties."""
-    anchors = EmotionAnchors(2, 2, queue_size=4, k=2)
-    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
-    anchors.enqueue(torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]]), probs, torch.tensor([0, 0, 0, 1]))
-    soft = anchors.soft_labels(torch.tensor([[2.0, 0.0]]))  # cosine 1 to all three of class 0, 0 to class 1's one
-    torch.testing.assert_close(soft[0], (probs[0] + probs[1]) / 2)  # the two oldest of class 0; class 1 weighs 0
-
-
 def test_sdl_empty_queues_give_none_and_ce_only():
     anchors = EmotionAnchors(3, 4)
     assert anchors.soft_labels(torch.randn(2, 4)) is None
