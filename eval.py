@@ -626,6 +626,9 @@ def predict_video(args, device):
             print(f"{args.video}: a face in {len(video) - len(missed)} of {len(video)} frames"
                   + (f" (none in frames {', '.join(map(str, missed[:10]))}{', ...' if len(missed) > 10 else ''}:"
                      " the track holds its last box there)" if missed else ""))
+            if 2 * len(missed) > len(video):
+                print(f"warning: {args.video}: a face in fewer than half of the frames; the track holds a box over "
+                      "the others, so the answer below may mean little", file=sys.stderr)
             clip = str(Path(tmp) / "faces")
             data.write_frames(Path(clip), faces)
         else:
@@ -635,6 +638,10 @@ def predict_video(args, device):
                 print(f"warning: {args.video}: frames of {first.shape[1]} x {first.shape[0]} look like an uncropped "
                       "scene, but the model expects face crops; give --detector (README, A video of your own), or "
                       "the answer below may mean nothing", file=sys.stderr)
+            elif min(first.shape[:2]) * 2 < model.cfg.img_size:
+                print(f"warning: {args.video}: frames of {first.shape[1]} x {first.shape[0]} are enlarged "
+                      f"{model.cfg.img_size / min(first.shape[:2]):.1f}x to the model's {model.cfg.img_size} pixels: "
+                      "little detail is left for it", file=sys.stderr)
         ds = views_dataset(args, ckpt, model, [Sample(path=clip, label=0)], "", views)
         probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
     print(f"{args.video}: {len(ds)} views averaged, {frames_used(lengths[0], ds)}")

@@ -147,6 +147,18 @@ def test_annotate_is_refused_before_any_work_where_it_cannot_be_written(tmp_path
     assert stop.value.code == 2 and "missing.mp4: no such file or folder" in capsys.readouterr().err
 
 
+def test_a_tiny_video_is_warned_about(tmp_path, capsys):
+    data.write_video(tmp_path / "tiny.mp4", np.full((3, 24, 24, 3), 128, np.uint8))
+    model = build_model("s2d_tiny", num_classes=7, num_frames=2)
+    import dataclasses
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, tmp_path / "c.pth")
+    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "tiny.mp4"), "--device", "cpu",
+               "--landmark-weights", "none"])
+    printed = capsys.readouterr()
+    assert "frames of 24 x 24 are enlarged 4.7x to the model's 112 pixels" in printed.err
+    assert "frames 0-1, 1-2 of 3" in printed.out
+
+
 def test_missing_detector_weights_are_named_before_the_video_is_decoded(tmp_path, monkeypatch, capsys):
     model = build_model("s2d_tiny", num_classes=7, num_frames=2)
     import dataclasses
@@ -219,3 +231,27 @@ def test_detect_and_align_in_chunks_equals_one_pass(face_clip):
     crops, boxes, points, missed = L.detect_and_align(video, one_face, size=64)
     assert crops.shape == (24, 64, 64, 3) and missed == []
     np.testing.assert_array_equal(crops, L.align_faces(video, boxes, points, 64))
+
+
+def test_a_face_in_few_frames_is_warned_about(tmp_path, monkeypatch, capsys, face_clip):
+    data.write_video(tmp_path / "me.mp4", face_clip)
+    model = build_model("s2d_tiny", num_classes=7, num_frames=2)
+    import dataclasses
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, tmp_path / "c.pth")
+
+    class FirstFrameOnly:  # the face found in frame 0 of 6
+        def __init__(self, weights):
+            self.calls = 0
+
+        def __call__(self, image):
+            self.calls += 1
+            if self.calls > 1:
+                return torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2)
+            pts = torch.tensor([[[130, 70], [182, 70], [156, 95], [135, 120], [177, 120.0]]])
+            return torch.tensor([[100.0, 30, 212, 142]]), torch.tensor([0.99]), pts
+
+    monkeypatch.setattr(L, "MTCNN", FirstFrameOnly)
+    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "me.mp4"), "--detector", "x",
+               "--dataset", "demo", "--device", "cpu", "--landmark-weights", "none"])
+    printed = capsys.readouterr()
+    assert "a face in 1 of 6 frames" in printed.out and "a face in fewer than half of the frames" in printed.err
