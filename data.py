@@ -8,6 +8,7 @@
 import argparse
 import csv
 import logging
+import itertools
 import math
 import os
 import re
@@ -404,6 +405,30 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
             raise ClipError(f"{err}; read as an image, because {path.suffix or 'no extension'} is not one of the "
                             f"video extensions {' '.join(VIDEO_EXTS)}") from None
     except (av.FFmpegError, OSError, IndexError) as err:
+        raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def iter_frames(path):
+    """Every frame of a video file, frame folder or image, one at a time as uint8 (H, W, 3), upright: for a video
+    too long to hold in memory (eval.py --video --detector reads it this way, twice)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            rgb = VideoReformatter()
+            for file in list_frames(path):
+                yield decode_image(file, rgb)
+        elif path.suffix.lower() in VIDEO_EXTS:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise ClipError(f"{path}: no video stream")
+                stream, rgb = container.streams.video[0], VideoReformatter()
+                stream.thread_type = "AUTO"
+                stream.codec_context.options = STRICT
+                for frame in container.decode(stream):
+                    yield _upright(frame, rgb, path)
+        else:
+            yield load_clip(Sample(str(path), 0), "")[0]
+    except (av.FFmpegError, OSError) as err:
         raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
 
 
@@ -927,12 +952,15 @@ def demo_clip(label, rng, size=112):
 
 
 def write_frames(folder, frames, names=None):
-    """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally), or names[k].jpg."""
+    """JPEG files 1.jpg, 2.jpg, ... (unpadded, so readers must sort naturally), or names[k].jpg. frames: uint8
+    (T, H, W, 3), or any iterable of (H, W, 3) frames of one size."""
     folder.mkdir(parents=True)
-    codec = av.CodecContext.create("mjpeg", "w")  # every JPEG frame is coded on its own
-    codec.width, codec.height, codec.pix_fmt, codec.time_base = frames.shape[2], frames.shape[1], "yuvj420p", 1
-    codec.options = {"qmin": "1", "qmax": "3"}
+    codec = None
     for k, frame in enumerate(frames, 1):
+        if codec is None:  # every JPEG frame is coded on its own
+            codec = av.CodecContext.create("mjpeg", "w")
+            codec.width, codec.height, codec.pix_fmt, codec.time_base = frame.shape[1], frame.shape[0], "yuvj420p", 1
+            codec.options = {"qmin": "1", "qmax": "3"}
         packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p", threads=1))
         (folder / f"{names[k - 1] if names else k}.jpg").write_bytes(b"".join(bytes(p) for p in packets))
 
@@ -948,7 +976,13 @@ def frame_rate(path, default=25):
 
 
 def write_video(path, frames, fps=25):
-    """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek."""
+    """H.264 mp4, near-lossless, a key frame every 8 frames so that readers seek. frames: uint8 (T, H, W, 3), or
+    any iterable of (H, W, 3) frames of one size."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"write_video {path}: no frames")
+    frames = itertools.chain([first], frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         # The same seed must give the same bytes. Things that varied from run to run: x264's B-frame look-ahead, the
@@ -958,7 +992,7 @@ def write_video(path, frames, fps=25):
         # tree, and every frame converted to YUV 4:2:0 on its own, on one thread, before it reaches the encoder.
         options = {"crf": "12", "preset": "veryfast", "g": "8", "threads": "1", "x264-params": "bframes=0:mbtree=0"}
         stream = container.add_stream("libx264", rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
         for frame in frames:
             yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", threads=1)
             container.mux(stream.encode(yuv))

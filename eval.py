@@ -579,14 +579,18 @@ def _box(img, box, colour, width=2):
 
 
 def annotate(path, video, boxes, points, label, fps=25):
-    """Write the frames with the tracked face box (green), its five points (red) and the label as an H.264 mp4."""
-    frames = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2].copy()  # H.264 wants even sides
-    scale = max(2, frames.shape[1] // 180)
-    for frame, box, pts in zip(frames, boxes.tolist(), points.numpy(), strict=True):
-        _box(frame, box, (0, 220, 0))
-        _dots(frame, pts, (230, 30, 30), 1)
-        draw_text(frame, label, max(0, int(box[1]) - 7 * scale), max(0, int(box[0])), scale, (255, 255, 255))
-    data.write_video(Path(path), frames, fps)
+    """Write the frames (uint8 (T, H, W, 3), or an iterable of frames) with the tracked face box (green), its five
+    points (red) and the label as an H.264 mp4, one frame at a time."""
+    def drawn():
+        for frame, box, pts in zip(video, boxes.tolist(), points.numpy(), strict=True):
+            frame = frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2].copy()  # H.264 wants even sides
+            scale = max(2, frame.shape[0] // 180)
+            _box(frame, box, (0, 220, 0))
+            _dots(frame, pts, (230, 30, 30), 1)
+            draw_text(frame, label, max(0, int(box[1]) - 7 * scale), max(0, int(box[0])), scale, (255, 255, 255))
+            yield frame
+
+    data.write_video(Path(path), drawn(), fps)
 
 
 def frames_used(length, ds):
@@ -620,17 +624,21 @@ def predict_video(args, device):
                              "in two commands)") from None
     lengths = []  # the video's frame count, as load_clip finds it
     with tempfile.TemporaryDirectory() as tmp:
-        if args.detector:
-            video = data.load_clip(Sample(path=clip, label=0), "", pick=lambda n: lengths.append(n) or range(n))
-            faces, boxes, points, missed = landmarks.detect_and_align(video, detector, size=224, frames=args.video)
-            print(f"{args.video}: a face in {len(video) - len(missed)} of {len(video)} frames"
+        if args.detector:  # the video is read frame by frame, once to detect, once to align (and once to annotate)
+            source = data.resolve("", clip)
+            detections = landmarks.detect_faces(data.iter_frames(source), detector)
+            if not detections:
+                raise data.ClipError(f"{source}: no frames")
+            lengths.append(len(detections))
+            boxes, points, missed = landmarks.face_track(detections, args.video)
+            print(f"{args.video}: a face in {len(detections) - len(missed)} of {len(detections)} frames"
                   + (f" (none in frames {', '.join(map(str, missed[:10]))}{', ...' if len(missed) > 10 else ''}:"
                      " the track holds its last box there)" if missed else ""))
-            if 2 * len(missed) > len(video):
+            if 2 * len(missed) > len(detections):
                 print(f"warning: {args.video}: a face in fewer than half of the frames; the track holds a box over "
                       "the others, so the answer below may mean little", file=sys.stderr)
             clip = str(Path(tmp) / "faces")
-            data.write_frames(Path(clip), faces)
+            data.write_frames(Path(clip), landmarks.align_in_chunks(data.iter_frames(source), boxes, points, 224))
         else:
             first = data.load_clip(Sample(path=clip, label=0), "",
                                    pick=lambda n: lengths.append(n) or range(min(n, 1)))[0]
@@ -650,8 +658,9 @@ def predict_video(args, device):
     if args.annotate:
         best = int(np.argmax(probs))
         text = names[best].upper() if all(c in _GLYPHS for c in names[best].upper()) else f"CLASS {best}"
-        annotate(args.annotate, video, boxes, points, f"{text} {round(100 * probs[best])}",
-                 data.frame_rate(os.path.abspath(args.video)))
+        source = data.resolve("", os.path.abspath(args.video))
+        annotate(args.annotate, data.iter_frames(source), boxes, points, f"{text} {round(100 * probs[best])}",
+                 data.frame_rate(source))
         print(f"annotated frames: {args.annotate}")
 
 

@@ -15,6 +15,7 @@ Check a checkpoint on a few face crops (an image file or a folder of frames, dec
 """
 import argparse
 import copy
+import itertools
 import json
 import math
 import sys
@@ -523,23 +524,38 @@ def align_faces(video, boxes, points, size, enlarge=1.0):
     return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def detect_and_align(video, detector, size, frames="the clip", detect_side=640):
-    """Per frame MTCNN (on a copy at most detect_side pixels on its longer side), one smoothed face track, aligned
-    crops. -> crops uint8 (T, size, size, 3), boxes (T, 4), points (T, 5, 2) in the frame's pixels, missed frames."""
-    T, H, W, _ = video.shape
-    shrink = min(1.0, detect_side / max(H, W))
+def detect_faces(frames, detector, detect_side=640):
+    """MTCNN on each of an iterable of uint8 (H, W, 3) frames, on a copy at most detect_side pixels on its longer
+    side -> per frame (boxes, scores, points) in the frame's pixels: face_track's input."""
     detections = []
-    for frame in video:
+    for frame in frames:
+        shrink = min(1.0, detect_side / max(frame.shape[:2]))
         small = frame if shrink == 1 else F.interpolate(
-            torch.from_numpy(frame).permute(2, 0, 1)[None].float(), scale_factor=shrink, mode="area")[0] \
-            .permute(1, 2, 0).round().to(torch.uint8).numpy()
+            torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float(), scale_factor=shrink,
+            mode="area")[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
         boxes, scores, points = detector(small)
         detections.append((boxes / shrink, scores, points / shrink))
-    boxes, points, missed = face_track(detections, frames)
-    # 16 frames at a time: align_faces works in float, four times the bytes of the uint8 video
-    crops = np.concatenate([align_faces(video[i:i + 16], boxes[i:i + 16], points[i:i + 16], size)
-                            for i in range(0, T, 16)])
-    return crops, boxes, points, missed
+    return detections
+
+
+def align_in_chunks(frames, boxes, points, size, chunk=16):
+    """align_faces over an iterable of frames, `chunk` frames at a time (it works in float, four times the bytes of
+    uint8): yields the aligned uint8 (size, size, 3) crops in order."""
+    buffer, start = [], 0
+    for frame in itertools.chain(frames, [None]):
+        if frame is not None:
+            buffer.append(frame)
+        if buffer and (len(buffer) == chunk or frame is None):
+            yield from align_faces(np.stack(buffer), boxes[start:start + len(buffer)],
+                                   points[start:start + len(buffer)], size)
+            start, buffer = start + len(buffer), []
+
+
+def detect_and_align(video, detector, size, frames="the clip", detect_side=640):
+    """Per frame MTCNN, one smoothed face track, aligned crops, for a clip in memory: uint8 (T, H, W, 3) ->
+    crops uint8 (T, size, size, 3), boxes (T, 4), points (T, 5, 2) in the frame's pixels, missed frames."""
+    boxes, points, missed = face_track(detect_faces(video, detector, detect_side), frames)
+    return np.stack(list(align_in_chunks(video, boxes, points, size))), boxes, points, missed
 
 
 # ----------------------------------------------------------------------------- training on ground-truth points

@@ -316,3 +316,15 @@ def test_more_video_extensions_and_an_unknown_one_is_named(tmp_path):
     assert data.frame_rate(tmp_path / "a.m4v") == 25 and data.frame_rate(tmp_path) == 25
     data.write_video(tmp_path / "c.mp4", frames, fps=60)
     assert data.frame_rate(tmp_path / "c.mp4") == 60
+
+
+def test_iter_frames_gives_what_load_clip_gives(tmp_path):
+    frames = np.random.default_rng(1).integers(0, 255, (5, 16, 24, 3), dtype=np.uint8)
+    data.write_video(tmp_path / "v.mp4", iter(frames))  # write_video takes an iterable too
+    data.write_frames(tmp_path / "f", iter(frames))
+    for path in (tmp_path / "v.mp4", tmp_path / "f", tmp_path / "f" / "1.jpg"):
+        expected = data.load_clip(Sample(str(path), 0), "")
+        np.testing.assert_array_equal(np.stack(list(data.iter_frames(path))), expected)
+    with pytest.raises(ClipError, match="garbage.mp4"):
+        (tmp_path / "garbage.mp4").write_bytes(b"\0" * 100)
+        list(data.iter_frames(tmp_path / "garbage.mp4"))
