@@ -167,6 +167,8 @@ def test_mcp_gate_zero_sharpness_is_uniform_average():
 
 
 def test_mcp_gate_gradients_are_deterministic():
+    """Two backward passes give bit-identical gradients (per-frame partials summed in torch, no atomics). In the
+    interpreter programs run one after another, so only a compiled run (CUDA) can show a difference."""
     inputs = [t.requires_grad_() for t in make_gate_inputs(3, 9, 70, torch.float32)]
     out = mcp_gate(*inputs)
     first = torch.autograd.grad(out, inputs, torch.ones_like(out), retain_graph=True)
