@@ -322,7 +322,7 @@ def _upright(frame, rgb, path):
     turns = frame.rotation / 90
     if turns != round(turns):
         raise ClipError(f"{path}: a display rotation of {frame.rotation} degrees; only multiples of 90 are supported")
-    return np.rot90(array, int(round(turns)) % 4)
+    return np.ascontiguousarray(np.rot90(array, int(round(turns)) % 4))  # torch.from_numpy needs positive strides
 
 
 def _read_video(path, pick):
@@ -402,21 +402,25 @@ def load_clip(sample, media_root, pick=lambda n: range(n)):
         except ClipError as err:
             if path.suffix.lower() in IMAGE_EXTS:
                 raise
-            raise ClipError(f"{err}; read as an image, because {path.suffix or 'no extension'} is not one of the "
-                            f"video extensions {' '.join(VIDEO_EXTS)}") from None
+            raise ClipError(f"{err}; read as an image (JPEG or PNG only), because {path.suffix or 'no extension'} "
+                            f"is not one of the video extensions {' '.join(VIDEO_EXTS)}") from None
     except (av.FFmpegError, OSError, IndexError) as err:
         raise ClipError(f"{path}: {type(err).__name__}: {err}") from err
 
 
 def iter_frames(path):
     """Every frame of a video file, frame folder or image, one at a time as uint8 (H, W, 3), upright: for a video
-    too long to hold in memory (eval.py --video --detector reads it this way, twice)."""
+    too long to hold in memory (eval.py --video --detector reads it this way, twice, three times with --annotate)."""
     path = Path(path)
     try:
         if path.is_dir():
-            rgb = VideoReformatter()
+            rgb, first = VideoReformatter(), None
             for file in list_frames(path):
-                yield decode_image(file, rgb)
+                frame = decode_image(file, rgb)
+                first = frame.shape if first is None else first
+                if frame.shape != first:
+                    raise ClipError(f"{path}: frames differ in size: {file} is {frame.shape}, the first {first}")
+                yield frame
         elif path.suffix.lower() in VIDEO_EXTS:
             with av.open(str(path)) as container:
                 if not container.streams.video:

@@ -344,15 +344,19 @@ def parse_args(argv=None):
         p.error("--annotate draws the detected face: give --detector too")
     if args.out and args.video:
         p.error("--out writes the per-clip predictions of --dataset's test split; --video prints its one clip's")
-    if args.video and not os.path.exists(args.video):
-        p.error(f"--video {args.video}: no such file or folder")
+    if args.video:
+        try:  # x.mp4 may be a frame folder x, and x a video x.mp4 (data.resolve)
+            data.resolve("", os.path.abspath(args.video))
+        except data.ClipError as err:
+            p.error(f"--video: {err}")
     if args.annotate:  # found before the work, not after it
         folder = os.path.dirname(os.path.abspath(args.annotate))
         if not args.annotate.lower().endswith(".mp4"):
             p.error(f"--annotate {args.annotate}: the annotated frames are written as an H.264 .mp4; name it so")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--annotate {args.annotate}: cannot write a file in {folder}")
-        if os.path.exists(args.annotate) and os.path.samefile(args.annotate, args.video):
+        if os.path.exists(args.annotate) and os.path.samefile(args.annotate,
+                                                              data.resolve("", os.path.abspath(args.video))):
             p.error(f"--annotate {args.annotate} is the --video itself: choose another file")
     try:
         parse_folds(args)
@@ -622,7 +626,7 @@ def predict_video(args, device):
         except (OSError, ValueError) as err:
             raise ValueError(f"--detector {args.detector}: {err} (README, A video of your own, fetches the weights "
                              "in two commands)") from None
-    lengths = []  # the video's frame count, as load_clip finds it
+    lengths = []  # the video's frame count, as load_clip finds it (last: it may count again); none for an image
     with tempfile.TemporaryDirectory() as tmp:
         if args.detector:  # the video is read frame by frame, once to detect, once to align (and once to annotate)
             source = data.resolve("", clip)
@@ -652,7 +656,7 @@ def predict_video(args, device):
                       "little detail is left for it", file=sys.stderr)
         ds = views_dataset(args, ckpt, model, [Sample(path=clip, label=0)], "", views)
         probs = evaluate(model, landmark_net, ds, args.batch_size, device)["predictions"][0]["probs"]
-    print(f"{args.video}: {len(ds)} views averaged, {frames_used(lengths[0], ds)}")
+    print(f"{args.video}: {len(ds)} views averaged, {frames_used(lengths[-1] if lengths else 1, ds)}")
     for p, name in sorted(zip(probs, names, strict=True), reverse=True):
         print(f"  {name:<16} {p:.4f}")
     if args.annotate:

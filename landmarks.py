@@ -545,6 +545,10 @@ def align_in_chunks(frames, boxes, points, size, chunk=16):
     for frame in itertools.chain(frames, [None]):
         if frame is not None:
             buffer.append(frame)
+            if start + len(buffer) > len(boxes):
+                raise ValueError(f"align_in_chunks: more frames than the {len(boxes)} boxes of the face track")
+        elif start + len(buffer) != len(boxes):
+            raise ValueError(f"align_in_chunks: {start + len(buffer)} frames for the {len(boxes)} boxes of the track")
         if buffer and (len(buffer) == chunk or frame is None):
             yield from align_faces(np.stack(buffer), boxes[start:start + len(buffer)],
                                    points[start:start + len(buffer)], size)

@@ -216,6 +216,10 @@ def train_table(rows):
 
 def append_csv(rows):
     CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
+    if CSV_PATH.exists() and CSV_PATH.read_text().partition("\n")[0] != ",".join(FIELDS):  # older columns
+        kept = CSV_PATH.with_name(f"bench-{datetime.date.today().isoformat()}-old-columns.csv")
+        CSV_PATH.rename(kept)
+        print(f"{CSV_PATH.name} had other columns: kept as {kept.name}, a new one begun")
     new = not CSV_PATH.exists()
     stamp = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)

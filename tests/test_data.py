@@ -303,6 +303,21 @@ def test_a_video_with_a_display_rotation_is_turned_upright(tmp_path):
     clip = data.load_clip(Sample(str(turned), 0), "")
     assert clip.shape == (4, 64, 32, 3)  # portrait, as a player shows it
     assert clip[:, :28].min() > 200 and clip[:, 36:].max() < 50  # the left half, turned clockwise, is on top
+    for matrix, white in (((-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30), (slice(None), slice(36, None))),  # 180
+                          ((0, -65536, 0, 65536, 0, 0, 0, 0, 1 << 30), (slice(36, None), slice(None)))):  # 90 ccw
+        _with_display_matrix(turned, matrix)
+        frames = list(data.iter_frames(turned))
+        assert all(f.flags.c_contiguous for f in frames)  # torch.from_numpy (the detector) refuses negative strides
+        assert frames[0][white].min() > 200 and frames[0].mean() < 150
+        np.testing.assert_array_equal(np.stack(frames), data.load_clip(Sample(str(turned), 0), ""))
+
+
+def test_iter_frames_refuses_a_folder_of_frames_of_different_sizes(tmp_path):
+    data.write_frames(tmp_path / "f", np.zeros((2, 16, 16, 3), np.uint8))
+    data.write_frames(tmp_path / "g", np.zeros((1, 24, 16, 3), np.uint8))
+    (tmp_path / "g" / "1.jpg").rename(tmp_path / "f" / "3.jpg")
+    with pytest.raises(ClipError, match=r"frames differ in size: .*3\.jpg is \(24, 16, 3\), the first \(16, 16, 3\)"):
+        list(data.iter_frames(tmp_path / "f"))
 
 
 def test_more_video_extensions_and_an_unknown_one_is_named(tmp_path):

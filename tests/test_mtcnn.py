@@ -231,6 +231,24 @@ def test_detect_and_align_in_chunks_equals_one_pass(face_clip):
     crops, boxes, points, missed = L.detect_and_align(video, one_face, size=64)
     assert crops.shape == (24, 64, 64, 3) and missed == []
     np.testing.assert_array_equal(crops, L.align_faces(video, boxes, points, 64))
+    for frames in (video[:23], np.concatenate([video, video[:1]])):  # a second read that differs from the first
+        with pytest.raises(ValueError, match="boxes of the"):
+            list(L.align_in_chunks(frames, boxes, points, 64))
+
+
+def test_a_still_image_and_a_video_named_without_its_extension_are_accepted(tmp_path, capsys, face_clip):
+    import dataclasses
+
+    model = build_model("s2d_tiny", num_classes=7, num_frames=1, image_model=True)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, tmp_path / "c.pth")
+    data.write_frames(tmp_path / "img", face_clip[:1, 30:142, 100:212])
+    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "img" / "1.jpg"), "--device",
+               "cpu", "--landmark-weights", "none"])
+    assert "1 window of 1 frame: frames 0 of 1" in capsys.readouterr().out
+    data.write_video(tmp_path / "clip.mp4", face_clip[:, 30:142, 100:212])
+    eval_main(["--checkpoint", str(tmp_path / "c.pth"), "--video", str(tmp_path / "clip"), "--device", "cpu",
+               "--landmark-weights", "none"])  # data.resolve: clip is clip.mp4
+    assert "views averaged" in capsys.readouterr().out
 
 
 def test_a_face_in_few_frames_is_warned_about(tmp_path, monkeypatch, capsys, face_clip):
