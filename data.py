@@ -325,17 +325,23 @@ def _upright(frame, rgb, path):
     return np.ascontiguousarray(np.rot90(array, int(round(turns)) % 4))  # torch.from_numpy needs positive strides
 
 
+def _video_stream(container, path):
+    """The first video stream of an opened file, set to decode with FFmpeg's threads and to stop at corrupt data."""
+    if not container.streams.video:
+        raise ClipError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.options = STRICT
+    return stream
+
+
 def _read_video(path, pick):
     """Frames pick(num_frames) of a video as uint8 (T, H, W, 3), decoded with FFmpeg's threads. At a constant frame
     rate with a frame count in the header: seek to the key frame before the first wanted frame and decode up to the
     last one; otherwise, or when the timestamps do not match the count, count the packets and decode from the start
     up to the last wanted frame."""
     with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ClipError(f"{path}: no video stream")
-        stream, rgb = container.streams.video[0], VideoReformatter()
-        stream.thread_type = "AUTO"
-        stream.codec_context.options = STRICT
+        stream, rgb = _video_stream(container, path), VideoReformatter()
         if stream.frames and stream.average_rate and stream.average_rate == stream.base_rate:  # constant rate
             wanted = _pick(stream.frames, pick, path)
             start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
@@ -423,11 +429,7 @@ def iter_frames(path):
                 yield frame
         elif path.suffix.lower() in VIDEO_EXTS:
             with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise ClipError(f"{path}: no video stream")
-                stream, rgb = container.streams.video[0], VideoReformatter()
-                stream.thread_type = "AUTO"
-                stream.codec_context.options = STRICT
+                stream, rgb = _video_stream(container, path), VideoReformatter()
                 for frame in container.decode(stream):
                     yield _upright(frame, rgb, path)
         else:

@@ -326,7 +326,7 @@ def test_more_video_extensions_and_an_unknown_one_is_named(tmp_path):
     (tmp_path / "a.mp4").rename(tmp_path / "a.m4v")  # an iPhone export: mp4 inside
     assert data.load_clip(Sample(str(tmp_path / "a.m4v"), 0), "").shape == (3, 16, 16, 3)
     (tmp_path / "b.m4a").write_bytes(b"\0\0\0\x18ftypM4A ")
-    with pytest.raises(ClipError, match=r"b\.m4a: .*read as an image, because \.m4a is not one of the video ext"):
+    with pytest.raises(ClipError, match=r"b\.m4a: .*read as an image \(JPEG or PNG only\), because \.m4a is not one"):
         data.load_clip(Sample(str(tmp_path / "b.m4a"), 0), "")
     assert data.frame_rate(tmp_path / "a.m4v") == 25 and data.frame_rate(tmp_path) == 25
     data.write_video(tmp_path / "c.mp4", frames, fps=60)

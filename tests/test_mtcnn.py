@@ -144,7 +144,7 @@ def test_annotate_is_refused_before_any_work_where_it_cannot_be_written(tmp_path
     assert video.read_bytes() == b"not read"
     with pytest.raises(SystemExit) as stop:
         eval_main(["--checkpoint", "c.pth", "--video", str(tmp_path / "missing.mp4")])
-    assert stop.value.code == 2 and "missing.mp4: no such file or folder" in capsys.readouterr().err
+    assert stop.value.code == 2 and "missing.mp4: no such frame folder, video or image" in capsys.readouterr().err
 
 
 def test_a_tiny_video_is_warned_about(tmp_path, capsys):
