@@ -618,7 +618,7 @@ def predict_video(args, device):
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
     image = model.cfg.num_frames == 1 and not recorded(ckpt, "no_tma")  # an image-stage model: one view
     views = dict(temporal_views=1, spatial_crops=1) if image else data.eval_views(args.dataset or "any video")
-    clip = os.path.abspath(args.video)
+    clip = source = str(data.resolve("", os.path.abspath(args.video)))  # x may be x.mp4 (checked in parse_args)
     detector = None
     if args.detector:  # its weights are read before the video is decoded
         try:
@@ -629,7 +629,6 @@ def predict_video(args, device):
     lengths = []  # the video's frame count, as load_clip finds it (last: it may count again); none for an image
     with tempfile.TemporaryDirectory() as tmp:
         if args.detector:  # the video is read frame by frame, once to detect, once to align (and once to annotate)
-            source = data.resolve("", clip)
             detections = landmarks.detect_faces(data.iter_frames(source), detector)
             if not detections:
                 raise data.ClipError(f"{source}: no frames")
@@ -662,7 +661,6 @@ def predict_video(args, device):
     if args.annotate:
         best = int(np.argmax(probs))
         text = names[best].upper() if all(c in _GLYPHS for c in names[best].upper()) else f"CLASS {best}"
-        source = data.resolve("", os.path.abspath(args.video))
         annotate(args.annotate, data.iter_frames(source), boxes, points, f"{text} {round(100 * probs[best])}",
                  data.frame_rate(source))
         print(f"annotated frames: {args.annotate}")

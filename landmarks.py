@@ -555,13 +555,6 @@ def align_in_chunks(frames, boxes, points, size, chunk=16):
             start, buffer = start + len(buffer), []
 
 
-def detect_and_align(video, detector, size, frames="the clip", detect_side=640):
-    """Per frame MTCNN, one smoothed face track, aligned crops, for a clip in memory: uint8 (T, H, W, 3) ->
-    crops uint8 (T, size, size, 3), boxes (T, 4), points (T, 5, 2) in the frame's pixels, missed frames."""
-    boxes, points, missed = face_track(detect_faces(video, detector, detect_side), frames)
-    return np.stack(list(align_in_chunks(video, boxes, points, size))), boxes, points, missed
-
-
 # ----------------------------------------------------------------------------- training on ground-truth points
 def nme(pred, target):
     """Normalised mean error of (N, 68, 2) points: the mean point-to-point distance divided by the inter-ocular

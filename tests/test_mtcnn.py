@@ -219,8 +219,8 @@ def test_annotate_without_a_detector_is_refused_before_any_work(tmp_path, capsys
     assert stop.value.code == 2 and "--annotate draws the detected face: give --detector too" in capsys.readouterr().err
 
 
-def test_detect_and_align_in_chunks_equals_one_pass(face_clip):
-    """detect_and_align aligns 16 frames at a time (memory); the crops are those of align_faces on the whole clip."""
+def test_align_in_chunks_equals_one_pass(face_clip):
+    """align_in_chunks aligns 16 frames at a time (memory); the crops are those of align_faces on the whole clip."""
     video = np.concatenate([face_clip] * 4)  # 24 frames: a chunk of 16 and one of 8
 
     def one_face(image):
@@ -228,7 +228,8 @@ def test_detect_and_align_in_chunks_equals_one_pass(face_clip):
         pts = torch.tensor([[[130, 72], [182, 68], [156, 95], [135, 120], [177, 120.0]]])
         return box, torch.tensor([0.99]), pts
 
-    crops, boxes, points, missed = L.detect_and_align(video, one_face, size=64)
+    boxes, points, missed = L.face_track(L.detect_faces(iter(video), one_face), "the clip")
+    crops = np.stack(list(L.align_in_chunks(iter(video), boxes, points, 64)))
     assert crops.shape == (24, 64, 64, 3) and missed == []
     np.testing.assert_array_equal(crops, L.align_faces(video, boxes, points, 64))
     for frames in (video[:23], np.concatenate([video, video[:1]])):  # a second read that differs from the first
