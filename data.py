@@ -450,6 +450,31 @@ def split_validation(samples, fraction, seed, group=lambda s: s.path):
     return [s for s in samples if group(s) not in held], [s for s in samples if group(s) in held]
 
 
+def split_warnings(named_splits):
+    """[(split file, samples)] -> lines of warning, [] when all is well: a sample listed twice in one split (it then
+    counts twice; with two labels, the file contradicts itself) and a sample in two splits (a test clip that also
+    trains is not held out). Warnings, not errors: the official files are used as they are."""
+    found, where = [], {}
+    for split, samples in named_splits:
+        labels = {}
+        for s in samples:
+            labels.setdefault(s.path, []).append(s.label)
+        repeats = {p: ls for p, ls in labels.items() if len(ls) > 1}
+        if repeats:
+            conflicting = [p for p, ls in repeats.items() if len(set(ls)) > 1]
+            first = conflicting[0] if conflicting else next(iter(repeats))
+            found.append(f"{split}: {len(repeats)} sample(s) listed more than once, so they count more than once "
+                         f"(e.g. {first!r}, labels {repeats[first]})"
+                         + (f"; {len(conflicting)} of them with different labels" if conflicting else ""))
+        for other, paths in where.items():
+            shared = [p for p in labels if p in paths]
+            if shared:
+                found.append(f"{len(shared)} sample(s) of {split} are also in {other} (e.g. {shared[0]!r}): "
+                             "they are not held out")
+        where[split] = labels.keys()
+    return found
+
+
 def header_problem(sample, media_root):
     """What is wrong with a sample at a glance, or None: its file or frame folder exists, a folder holds frame
     images, a video file opens with a video stream (its header only, nothing decoded), an image is not empty.
@@ -1078,9 +1103,10 @@ def check(args):
     if problem:
         raise LayoutError(problem)
     media_root = files.media_root
-    bad = 0
+    bad, named = 0, []
     for split in args.split or [files.train, files.test]:
         samples = read_split(args.dataset, split, one_based=args.one_based)
+        named.append((split, samples))
         counts = np.bincount([s.label for s in samples], minlength=len(CLASSES[args.dataset]))
         names = CLASSES[args.dataset]
         print(f"{split}: {len(samples)} samples; " + ", ".join(f"{c} {n}" for c, n in zip(names, counts, strict=True)))
@@ -1089,6 +1115,8 @@ def check(args):
                 if error:
                     bad += 1
                     print(f"BAD {sample.path} (label {sample.label}): {error}")
+    for warning in split_warnings(named):
+        print(f"warning: {warning}")
     print(f"{bad} bad item(s)" if bad else "all items readable")
     return 1 if bad else 0
 

@@ -549,6 +549,9 @@ if s4d_stage:
     image_test = data.read_split(args.image_dataset, image_files.test) if args.stage == "joint" else []
     checks += [(image_files.train, image_train, image_files.media_root)]
     checks += [(image_files.test, image_test, image_files.media_root)] if image_test else []
+for warning in data.split_warnings([(files.train, train_all), (files.test, test_samples)]) + (
+        data.split_warnings([(image_files.train, image_train), (image_files.test, image_test)]) if s4d_stage else []):
+    log(f"warning: {warning}")
 if args.stage == "mae":
     args.val_fraction = 0.0  # pre-training selects nothing: every clip trains
 for split, samples, media_root in checks:  # found now, not after training

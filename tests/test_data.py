@@ -278,6 +278,24 @@ def test_check_passes_a_good_split(tmp_path, capsys):
     assert "all items readable" in capsys.readouterr().out
 
 
+def test_split_warnings_name_repeats_conflicts_and_overlap(tmp_path, capsys):
+    a, b, c = Sample("a", 0), Sample("b", 1), Sample("c", 2)
+    assert data.split_warnings([("train.csv", [a, b]), ("test.csv", [c])]) == []
+    assert data.split_warnings([("train.csv", [a, b, a])]) == [
+        "train.csv: 1 sample(s) listed more than once, so they count more than once (e.g. 'a', labels [0, 0])"]
+    assert data.split_warnings([("train.csv", [a, b, a, Sample("b", 3)])]) == [
+        "train.csv: 2 sample(s) listed more than once, so they count more than once (e.g. 'b', labels [1, 3]); "
+        "1 of them with different labels"]
+    assert data.split_warnings([("train.csv", [a, b]), ("test.csv", [c, b])]) == [
+        "1 sample(s) of test.csv are also in train.csv (e.g. 'b'): they are not held out"]
+    two_clips_one_missing(tmp_path)  # `data.py check` prints them and still passes a readable split
+    split = write(tmp_path / "test.csv", "path,id\ngood,1\ngood,1\n")
+    assert data.main(["check", "--dataset", "ferv39k", "--root", str(tmp_path), "--media-root", str(tmp_path),
+                      "--split", str(split)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {split}: 1 sample(s) listed more than once" in out and "all items readable" in out
+
+
 def _with_display_matrix(path, matrix):
     """Rewrite an mp4's track header matrix (a, b, u, c, d, v, x, y, w; 16.16 fixed point, w 2.30), as phones
     write a rotation for portrait video."""

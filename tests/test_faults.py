@@ -185,8 +185,14 @@ def test_a_missing_or_empty_clip_is_found_before_training(demo, tmp_path):
     shutil.rmtree(broken / gone)
     for frame in (broken / empty).iterdir():
         frame.unlink()
+    rows = (broken / "train.csv").read_text().splitlines()  # and a train row twice, a test row in train as well
+    shared = next(s for s in test if s.path not in (gone, empty))
+    (broken / "train.csv").write_text("\n".join(rows + [rows[1], f"{shared.path},{shared.label}"]) + "\n")
     proc = train(str(broken), tmp_path / "run", "--epochs", "1", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"warning: {broken / 'train.csv'}: 1 sample(s) listed more than once, so they count more than once "
+            f"(e.g. {rows[1].split(',')[0]!r}") in proc.stdout
+    assert f"warning: 1 sample(s) of {broken / 'test.csv'} are also in {broken / 'train.csv'}" in proc.stdout
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"train.py: 2 of the {len(test)} clips of {broken / 'test.csv'} cannot be read:")
     assert f"{broken / gone}: no such frame folder, video or image" in message
