@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -758,6 +759,34 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.total // self.num_replicas
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _ignore_stop_signals(_worker_id):
+    """Every loader's worker_init_fn: Ctrl-C and SIGTERM are for the main process (train.py finishes its step, saves
+    and exits). A shell's Ctrl-C, and scancel's or systemd's SIGTERM, reach every process of the group, and a worker
+    they killed would crash the run. The worker started with both blocked (batches): one that came meanwhile is
+    discarded here, as POSIX discards a pending signal that is set to be ignored."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def batches(dataset, **options):
+    """iter(DataLoader(dataset, **options)) whose worker processes ignore Ctrl-C and SIGTERM from their first
+    instruction on. Unprotected, a worker is open to them until its worker_init_fn runs (torch installs a handler in
+    between that dies by the signal), so the workers start with both blocked, inherited from this process, which
+    blocks them only while it starts the workers: a signal that reaches it meanwhile is handled just after."""
+    loader = torch.utils.data.DataLoader(dataset, worker_init_fn=_ignore_stop_signals, **options)
+    if loader.num_workers == 0:
+        return iter(loader)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)  # forks the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class JointSchedule:

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 import data
 import landmarks
@@ -115,9 +114,8 @@ def _world():
 @torch.no_grad()
 def _view_probs(model, landmark_net, dataset, indices, batch_size, device, workers, amp):
     """Softmax of every view in `indices` -> rows (clip index, view, label, probs list)."""
-    loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=device.type == "cuda"
-    )
+    loader = data.batches(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+                          pin_memory=device.type == "cuda")  # its workers leave Ctrl-C and SIGTERM to this process
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     rows = []
     s4d = isinstance(model, S4D)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import data
@@ -680,13 +680,6 @@ if s4d_stage:  # the images: class-balanced with replacement for fine-tuning (al
               for m, names in (("video", classes), ("image", image_classes))}
 
 
-def ignore_stop_signals(_):
-    """Ctrl-C and SIGTERM are for the main process, which finishes its step, saves and exits. A shell's Ctrl-C, and
-    scancel or systemd's SIGTERM, reach every process of the group: a worker killed by them would crash the run."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None, steps=None):
     """This epoch's batches after the first skip_steps optimizer steps; order and augmentation come from seed+epoch.
     The training clips by default; S4D's images with their own dataset, sampler, batch size and step count."""
@@ -697,9 +690,8 @@ def epoch_loader(epoch, skip_steps, dataset=None, order_of=None, batch_size=None
     order = list(order_of)[skip_steps * batch_size * args.accum_steps: steps * batch_size * args.accum_steps]
     views = dataset.train_views  # 1, or S4D pre-training's views of each clip, side by side
     order = [k * views + v for k in order for v in range(views)]
-    return DataLoader(dataset, batch_size=batch_size * views, sampler=order, num_workers=args.workers,
-                      pin_memory=use_cuda, worker_init_fn=ignore_stop_signals,
-                      generator=torch.Generator().manual_seed(args.seed + epoch))
+    return data.batches(dataset, batch_size=batch_size * views, sampler=order, num_workers=args.workers,
+                        pin_memory=use_cuda, generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
 def epoch_batches(epoch, skip_steps):

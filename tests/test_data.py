@@ -361,3 +361,44 @@ def test_iter_frames_gives_what_load_clip_gives(tmp_path):
     with pytest.raises(ClipError, match="garbage.mp4"):
         (tmp_path / "garbage.mp4").write_bytes(b"\0" * 100)
         list(data.iter_frames(tmp_path / "garbage.mp4"))
+
+
+STOP_WHILE_WORKERS_START = """
+import os, signal, sys
+import torch
+from torch.utils.data._utils import signal_handling
+sys.path.insert(0, {root!r})
+import data
+
+install = signal_handling._set_worker_signal_handlers
+def install_then_stop():  # in each worker: SIGTERM just after torch's own handlers, before worker_init_fn runs
+    install()
+    os.kill(os.getpid(), signal.SIGTERM)
+signal_handling._set_worker_signal_handlers = install_then_stop
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+start = torch.utils.data.dataloader._MultiProcessingDataLoaderIter.__init__
+def start_then_stop(self, loader):  # and in this process, while its workers start
+    os.kill(os.getpid(), signal.SIGTERM)
+    start(self, loader)
+torch.utils.data.dataloader._MultiProcessingDataLoaderIter.__init__ = start_then_stop
+loader = {loader}(list(range(8)), batch_size=2, num_workers=2)
+print(sum(len(b) for b in loader), got)
+"""
+
+
+@pytest.mark.parametrize("loader", ["data.batches", "torch.utils.data.DataLoader"])
+def test_loader_workers_ignore_a_sigterm_that_comes_while_they_start(loader):
+    """scancel's SIGTERM reaches every process of the group, also a worker that is just starting. data.batches:
+    the worker discards it and the main process handles it once; a plain DataLoader's worker dies of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = STOP_WHILE_WORKERS_START.format(root=str(Path(__file__).parent.parent), loader=loader)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if loader == "data.batches":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == ["8", "[15]"]
+    else:  # what data.batches prevents: the race is real
+        assert proc.returncode != 0 and "killed by signal: Terminated" in proc.stderr
