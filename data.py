@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -767,18 +768,29 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 def _ignore_stop_signals(_worker_id):
     """Every loader's worker_init_fn: Ctrl-C and SIGTERM are for the main process (train.py finishes its step, saves
     and exits). A shell's Ctrl-C, and scancel's or systemd's SIGTERM, reach every process of the group, and a worker
-    they killed would crash the run. The worker started with both blocked (batches): one that came meanwhile is
-    discarded here, as POSIX discards a pending signal that is set to be ignored."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    they killed would crash the run. The worker started with both blocked (batches). Ctrl-C is ignored from now on (one
+    that came meanwhile is discarded, as POSIX discards a pending signal set to be ignored); SIGTERM stays blocked
+    and a thread takes each one: the parent's ends the worker (torch and multiprocessing stop a worker that way, and a
+    worker that ignored it would hang its parent's exit), anyone else's is dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent):
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)  # as torch's own handler ends a worker on its parent's SIGTERM
 
 
 def batches(dataset, **options):
-    """iter(DataLoader(dataset, **options)) whose worker processes ignore Ctrl-C and SIGTERM from their first
-    instruction on. Unprotected, a worker is open to them until its worker_init_fn runs (torch installs a handler in
-    between that dies by the signal), so the workers start with both blocked, inherited from this process, which
-    blocks them only while it starts the workers: a signal that reaches it meanwhile is handled just after."""
+    """iter(DataLoader(dataset, **options)) whose worker processes leave Ctrl-C and SIGTERM to this process from their
+    first instruction on. Unprotected, a worker is open to them until its worker_init_fn runs (torch installs a
+    handler in between that dies by the signal), so the workers start with both blocked, inherited from this
+    process, which blocks them only while it starts the workers: a signal that reaches it meanwhile is handled just
+    after. Where Python has no signal.sigwaitinfo (macOS, Windows) the workers are unprotected."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return iter(torch.utils.data.DataLoader(dataset, **options))
     loader = torch.utils.data.DataLoader(dataset, worker_init_fn=_ignore_stop_signals, **options)
     if loader.num_workers == 0:
         return iter(loader)

@@ -1,5 +1,8 @@
 """data.py readers on fixtures in the official formats, and every bad-input case of issue 3 in its own test."""
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -391,10 +394,6 @@ print(sum(len(b) for b in loader), got)
 def test_loader_workers_ignore_a_sigterm_that_comes_while_they_start(loader):
     """scancel's SIGTERM reaches every process of the group, also a worker that is just starting. data.batches:
     the worker discards it and the main process handles it once; a plain DataLoader's worker dies of it."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = STOP_WHILE_WORKERS_START.format(root=str(Path(__file__).parent.parent), loader=loader)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     if loader == "data.batches":
@@ -402,3 +401,32 @@ def test_loader_workers_ignore_a_sigterm_that_comes_while_they_start(loader):
         assert proc.stdout.split() == ["8", "[15]"]
     else:  # what data.batches prevents: the race is real
         assert proc.returncode != 0 and "killed by signal: Terminated" in proc.stderr
+
+
+ERROR_IN_A_WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import data
+class Failing:
+    def __len__(self):
+        return 40
+    def __getitem__(self, i):
+        if i == 0:
+            raise ValueError("clip 0 is bad")
+        return i
+batches = data.batches(Failing(), batch_size=2, num_workers=2)  # still referenced at exit
+try:
+    for _ in batches:
+        pass
+except ValueError as err:
+    print(err)
+sys.exit(3)
+"""
+
+
+def test_a_process_whose_worker_failed_exits():
+    """At exit, multiprocessing ends the workers still alive with SIGTERM from their parent: they must obey that one
+    (before, validation hung here after a clip failed to decode)."""
+    script = ERROR_IN_A_WORKER.format(root=str(Path(__file__).parent.parent))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "clip 0 is bad" in proc.stdout, proc.stderr[-2000:]
