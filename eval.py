@@ -387,6 +387,22 @@ def check_classes(path, ckpt, dataset, num_classes, allow=False):
                      "--allow-other-classes to evaluate anyway")
 
 
+def image_head(model, dataset):
+    """Whether the model answers `dataset` with S4D's image head (its own classes) rather than its video head."""
+    return isinstance(model, S4D) and dataset in data.IMAGE_DATASETS
+
+
+def checked_classes(args, path, model, ckpt):
+    """The number of classes the model predicts for --dataset, after check_classes (S4D on an image dataset: its
+    image head's)."""
+    num_classes, ckpt_classes = model.cfg.num_classes, ckpt
+    if image_head(model, args.dataset):  # S4D's image head, its classes
+        num_classes, image_dataset = model.cfg.image_classes, recorded(ckpt, "image_dataset")
+        ckpt_classes = {"classes": list(CLASSES[image_dataset])} if image_dataset in CLASSES else {}
+    check_classes(path, ckpt_classes, args.dataset, num_classes, args.allow_other_classes)
+    return num_classes
+
+
 def parse_folds(args):
     """--folds '1-5' or '1,3' (else --fold) -> the fold numbers; ValueError naming --folds when it is neither."""
     if not args.folds:
@@ -451,10 +467,15 @@ def training_args(ckpt):
     return vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
 
 
-def class_names(ckpt, dataset, num_classes):
-    """Names from --dataset, else the checkpoint's recorded dataset (ours or the release's args), else indices."""
+def class_names(ckpt, dataset, num_classes, own=True):
+    """The names the checkpoint records (train.py saves them: what the model predicts, also under
+    --allow-other-classes; own=False for S4D's image head, whose classes are not those), else --dataset's, else the
+    recorded dataset's (ours or the release's args), else indices."""
     recorded = []
     if isinstance(ckpt, dict):
+        names = ckpt.get("classes") if own else None
+        if names and len(names) == num_classes:
+            return [str(c) for c in names]
         args = training_args(ckpt)
         recorded = [ckpt.get("dataset"), args.get("dataset"), args.get("data_set")]
     for name in (dataset, *recorded):
@@ -520,17 +541,13 @@ def eval_fold(args, fold, device, show):
     if problem:
         raise data.LayoutError(problem)
     model, ckpt = load_model(path, device, show)
-    num_classes, ckpt_classes = model.cfg.num_classes, ckpt
-    if isinstance(model, S4D) and args.dataset in data.IMAGE_DATASETS:  # S4D's image head, its classes
-        num_classes, image_dataset = model.cfg.image_classes, recorded(ckpt, "image_dataset")
-        ckpt_classes = {"classes": list(CLASSES[image_dataset])} if image_dataset in CLASSES else {}
-    check_classes(path, ckpt_classes, args.dataset, num_classes, args.allow_other_classes)
+    num_classes = checked_classes(args, path, model, ckpt)
     landmark_net = landmark_view(args, ckpt, model, device, show)
     samples = read_split(args.dataset, files.test, one_based=args.one_based)
     ds = views_dataset(args, ckpt, model, samples, files.media_root, data.eval_views(args.dataset))
     show(f"fold {fold}: {path} on {files.test}: {len(samples)} clips x {len(ds) // len(samples)} views")
     result = evaluate(model, landmark_net, ds, args.batch_size, device, args.workers, args.amp)
-    names = class_names(ckpt, args.dataset, num_classes)
+    names = class_names(ckpt, args.dataset, num_classes, own=not image_head(model, args.dataset))
     show(format_report(result, names) + "\n")
     return result, samples, names
 
@@ -612,6 +629,8 @@ def predict_video(args, device):
     """One clip: the eval views of data.py, softmax averaged, printed per class (most likely first). With
     --detector, the face is found in every frame first (MTCNN), tracked, aligned and cropped."""
     model, ckpt = load_model(args.checkpoint, device)
+    if args.dataset:  # its class names label the prediction: they must be the checkpoint's
+        checked_classes(args, args.checkpoint, model, ckpt)
     landmark_net = landmark_view(args, ckpt, model, device)
     names = class_names(ckpt, args.dataset, model.cfg.num_classes)
     image = model.cfg.num_frames == 1 and not recorded(ckpt, "no_tma")  # an image-stage model: one view

@@ -259,6 +259,11 @@ def test_a_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, capsys):
         eval_main(["--checkpoint", eleven] + run)  # no names recorded (as the released files): the count decides
     eval_main(["--checkpoint", dfew, "--allow-other-classes"] + run)  # asked for: it runs
     assert "UAR" in capsys.readouterr().out
+    clip = ["--video", str(root / "Scene" / "0000")] + views  # one clip: --dataset's names would label it
+    with pytest.raises(SystemExit, match=r"dfew.pth was trained on the classes \['happy', .*--dataset demo has 7"):
+        eval_main(["--checkpoint", dfew, "--dataset", "demo"] + clip)
+    eval_main(["--checkpoint", dfew] + clip)  # without --dataset: the checkpoint's own names
+    assert "happy" in capsys.readouterr().out
     same = save_checkpoint(tmp_path / "same.pth", model, classes=list(data.CLASSES["demo"]))
     eval_main(["--checkpoint", same] + run)
 
