@@ -236,6 +236,10 @@ ABLATION = [  # (key, row, image stage it starts from, extra options of its vide
 ]
 
 
+DEMO_OPTIONS = {"stage", "dataset", "data_root", "out", "retrain", "ablation", "ablation_seeds", "demo_args", "procs",
+                "debug"}  # what the demo pipeline itself takes
+
+
 class DemoStages:
     """The demo's stages under `runs`, the ablation's included. Each method gives a stage as (folder, command,
     needs): needs are the folders of the stages it starts from (one finished after it makes it stale)."""
@@ -407,6 +411,11 @@ if args.stage == "demo":
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("train.py: the demo pipeline runs in one process; run its stages under torchrun one by one "
                  "(python train.py --help shows them)")
+    unused = [option for dest, option in given.items() if dest not in DEMO_OPTIONS]
+    if unused:  # the pipeline runs its stages with their own options: these would be dropped silently
+        parser.error(f"{', '.join(unused)}: the demo pipeline does not take {'these' if len(unused) > 1 else 'this'}; "
+                     "pass stage options with --demo-args (e.g. --demo-args '--epochs 1'), or run a stage yourself "
+                     "(python train.py --help shows the stages' commands)")
     sys.exit(run_demo(args))
 if args.no_mcp and args.landmark_weights:
     parser.error("--no-mcp switches the landmark view off; --landmark-weights would not be used")

@@ -167,3 +167,13 @@ def test_a_failed_retrain_keeps_the_finished_stage(demo, first_run):
            f"{runs / 'demo-video'}." in proc.stderr, proc.stderr  # exit 1: torchrun's, for its process's 2
     assert {p.name: p.read_bytes() for p in (runs / "demo-video").iterdir()} == before
     assert not (runs / "demo-video.previous").exists()
+
+
+def test_the_pipeline_refuses_options_it_would_drop(tmp_path):
+    """`python train.py --epochs 1` ran the demo with its own epochs: a stage option must go through --demo-args."""
+    cmd = [sys.executable, TRAIN, "--out", str(tmp_path / "runs"), "--epochs", "1", "--model", "s2d_base"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "runs").exists()
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: --") and "--epochs" in error and "--model" in error
+    assert "the demo pipeline does not take these; pass stage options with --demo-args" in error
