@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -660,6 +661,11 @@ def predict_video(args, device):
             clip = str(Path(tmp) / "faces")
             data.write_frames(Path(clip), landmarks.align_in_chunks(data.iter_frames(source), boxes, points, 224))
         else:
+            if not image and Path(clip).suffix.lower() in data.IMAGE_EXTS:  # a still for a video model: a clip of
+                still = Path(tmp) / "still"  # one frame, repeated as any short clip is (not read as a still)
+                still.mkdir()
+                shutil.copy(clip, still / Path(clip).name)
+                clip = str(still)
             first = data.load_clip(Sample(path=clip, label=0), "",
                                    pick=lambda n: lengths.append(n) or range(min(n, 1)))[0]
             if looks_uncropped(first, model.cfg.img_size):

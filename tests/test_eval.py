@@ -241,6 +241,16 @@ def test_cli_report_csv_and_single_clip(tmp_path, capsys):
     clip = {line.split()[0]: float(line.split()[1]) for line in lines[-7:]}
     assert sorted(clip) == sorted(names)
     torch.testing.assert_close(torch.tensor([clip[n] for n in names]), probs[0], atol=2e-4, rtol=0)
+    first = Path(data.list_frames(root / "Scene" / "0000")[0])  # a still for this video model: one frame, repeated
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / first.name).write_bytes(first.read_bytes())
+    answers = []
+    for video in (first, tmp_path / "one"):  # the image, and a folder holding only it
+        eval_main(["--checkpoint", ckpt, "--dataset", "demo", "--video", str(video)] + views)
+        out = capsys.readouterr().out
+        assert "of 1 (the clip is shorter than a window: its last frame is repeated)" in out
+        answers.append(out.splitlines()[-7:])
+    assert answers[0] == answers[1]
 
 
 def test_a_checkpoint_of_other_classes_stops_with_both_lists(tmp_path, capsys):
